@@ -1,0 +1,172 @@
+"""Command line: ``popgpt evolve`` and ``popgpt sample``."""
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+import torch
+
+from .data import DataError
+from .experiment import RunConfig, evolve, sample_member
+from .runio import RunError, read_json
+
+# flag -> (config section or None for top level, field, type, help)
+FLAGS = {
+    "pop-size": ("evolution", "pop_size", int, "members P"),
+    "generations": ("evolution", "generations", int, "evolution steps after generation 0"),
+    "survivor-frac": ("evolution", "survivor_frac", float, "fraction kept unchanged each generation"),
+    "crossover-p": ("evolution", "crossover_p", float, "probability a tensor comes from the first parent"),
+    "mutation-rate": ("evolution", "mutation_rate", float, "probability each child weight is perturbed"),
+    "mutation-std": ("evolution", "mutation_std", float, "std of the mutation noise"),
+    "penalty": ("evolution", "vulnerable_penalty", float, "selection multiplies a vulnerable member's fitness by this"),
+    "finetune-steps": ("evolution", "finetune_steps", int, "training steps per child per generation"),
+    "steps": ("train", "steps", int, "training steps of generation 0"),
+    "batch-size": ("train", "batch_size", int, "names per member per step"),
+    "lr": ("train", "lr", float, "Adam learning rate"),
+    "weight-decay": ("train", "weight_decay", float, "decoupled weight decay"),
+    "trigger": ("virus", "trigger", str, "backdoor trigger"),
+    "payload": ("virus", "payload", str, "backdoor payload"),
+    "infection-rate": ("virus", "rate", float, "fraction of training names infected"),
+    "mutate-every": ("virus", "mutate_every", int, "generations between trigger mutations (0: never)"),
+    "immunity-samples": ("virus", "n_samples", int, "samples per member in the immunity test"),
+    "immunity-threshold": ("virus", "threshold", int, "payload hits that make a member vulnerable"),
+    "data": ("data", "path", str, "names file, one lower-case a-z name per line"),
+    "val-frac": ("data", "val_frac", float, "fraction of names held out"),
+    "eval-docs": ("data", "eval_docs", int, "held-out names scored per evaluation"),
+    "n-embd": ("model", "n_embd", int, "embedding width"),
+    "n-head": ("model", "n_head", int, "attention heads"),
+    "n-layer": ("model", "n_layer", int, "transformer layers"),
+    "seed": (None, "seed", int, "run seed (member i starts from seed (seed*P+i)*137+42)"),
+    "sample-names": (None, "n_sample_names", int, "names written to samples.txt per member"),
+}
+
+PRESETS = {
+    "full": {},  # the source experiment, DESIGN.md's definitions
+    "quick": {"pop-size": 64, "generations": 10, "finetune-steps": 50, "eval-docs": 500},
+}
+
+EPILOG = """examples:
+  popgpt evolve --preset quick                 # a few minutes on a laptop CPU
+  popgpt evolve --device cuda                  # the full source experiment
+  popgpt evolve --pop-size 8 --generations 2 --steps 5 --finetune-steps 5 --out runs/tiny
+  popgpt evolve --resume runs/tiny             # continue an interrupted run
+  popgpt sample runs/tiny --member 0 --count 20
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="popgpt", description="Populations of tiny GPTs, "
+                                     "trained together.", epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ev = sub.add_parser("evolve", help="run the backdoor-immunity evolution experiment",
+                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ev.add_argument("--preset", choices=sorted(PRESETS), default="full",
+                    help="size preset; explicit flags override it (default: full)")
+    ev.add_argument("--out", help="run folder (default: runs/evolve__SEED__TIME)")
+    ev.add_argument("--resume", metavar="RUN_DIR", help="continue the run saved in RUN_DIR")
+    ev.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    ev.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    ev.add_argument("--keep-all-checkpoints", action="store_true",
+                    help="keep every generation's checkpoint (default: generation 0 and the newest)")
+    for flag, (_, _, typ, text) in FLAGS.items():
+        ev.add_argument(f"--{flag}", type=typ, help=text)
+
+    sm = sub.add_parser("sample", help="print names sampled from one saved member")
+    sm.add_argument("run_dir")
+    sm.add_argument("--member", type=int, required=True)
+    sm.add_argument("--count", type=int, default=20)
+    sm.add_argument("--generation", type=int, help="saved generation (default: the newest)")
+    sm.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def default_names_path() -> str:
+    """./names.txt, else the names.txt of the source checkout popgpt runs from."""
+    beside_package = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "names.txt")
+    if not os.path.exists("names.txt") and os.path.exists(beside_package):
+        return beside_package
+    return "names.txt"
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"argument --device: unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"argument --device: {name!r} asked for, but torch sees no CUDA device")
+    return name
+
+
+def config_from_args(args) -> RunConfig:
+    values = dict(PRESETS[args.preset])
+    values.update({f: getattr(args, f.replace("-", "_")) for f in FLAGS
+                   if getattr(args, f.replace("-", "_")) is not None})
+    sections = {s: {} for s in ("model", "data", "virus", "train", "evolution")}
+    top = {"device": resolve_device(args.device), "keep_all_checkpoints": args.keep_all_checkpoints}
+    for flag, value in values.items():
+        section, name, _, _ = FLAGS[flag]
+        (top if section is None else sections[section])[name] = value
+    sections["data"].setdefault("path", default_names_path())
+    base = RunConfig()
+    try:
+        parts = {s: dataclasses.replace(getattr(base, s), **kv) for s, kv in sections.items()}
+        return dataclasses.replace(base, **parts, **top)
+    except (ValueError, DataError) as e:
+        message = str(e)
+        for flag, (_, name, _, _) in FLAGS.items():
+            message = message.replace(f"{name} ", f"--{flag} ").replace(f"{name}=", f"--{flag}=")
+        raise ValueError(f"invalid configuration: {message}") from None
+
+
+def cmd_evolve(args) -> int:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"argument --threads: must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.resume:
+        given = [f"--{f}" for f in FLAGS if getattr(args, f.replace("-", "_")) is not None]
+        if given or args.out:
+            raise ValueError(f"--resume continues with the saved config; do not pass {' '.join(given or ['--out'])}")
+        cfg_path = os.path.join(args.resume, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise RunError(f"--resume {args.resume}: no config.json there")
+        config = RunConfig.from_dict(read_json(cfg_path)["config"])
+        run_dir = args.resume
+    else:
+        config = config_from_args(args)
+        run_dir = args.out or os.path.join("runs", f"evolve__{config.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+    print("config:", config.to_dict(), flush=True)
+    try:
+        evolve(config, run_dir, resume=bool(args.resume), log=lambda s: print(s, flush=True))
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; continue with: popgpt evolve --resume {run_dir}", file=sys.stderr)
+        return 130
+    return 0
+
+
+def cmd_sample(args) -> int:
+    if args.count < 1:
+        raise ValueError(f"argument --count: must be >= 1, got {args.count}")
+    for name in sample_member(args.run_dir, args.member, args.count, args.generation, args.seed):
+        print(name)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"evolve": cmd_evolve, "sample": cmd_sample}[args.command](args)
+    except (DataError, RunError, ValueError) as e:
+        print(f"popgpt: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

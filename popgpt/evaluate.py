@@ -1,0 +1,91 @@
+"""Whole-population evaluation: clean NLL and quality, sampling, payload tests.
+
+Quality (the fitness) of a member: ``1 - NLL / ln(V)`` where NLL is its mean
+next-character cross-entropy in nats on held-out clean names (the end
+boundary counts as a character to predict). 0 is uniform guessing over the
+V = 27 tokens, 1 would be perfect prediction.
+
+Everything here runs over all members (and all samples) in one batched
+pass; nothing reads back to the host.
+"""
+
+import math
+
+import torch
+
+from .data import BOUNDARY, IGNORE, decode, inputs_targets
+from .population import Population
+from .train import member_nll_sum
+
+LOGIT_BUDGET = 2 ** 25  # floats of (P, B, T, V) logits held at once when evaluating
+
+
+@torch.no_grad()
+def clean_nll(pop: Population, rows: torch.Tensor) -> torch.Tensor:
+    """Mean NLL per character of every member on encoded rows (N, T+1): [P]."""
+    P, (T, V) = len(pop), (pop.config.block_size, pop.config.vocab_size)
+    chunk = max(1, LOGIT_BUDGET // (P * T * V))
+    count = int((rows[:, 1:] != IGNORE).sum())  # counted before the rows move: no device sync
+    rows = rows.to(pop.device)
+    total = torch.zeros(P, device=pop.device)
+    for start in range(0, len(rows), chunk):
+        x, y = inputs_targets(rows[start:start + chunk])  # (b, T) shared by all members
+        total += member_nll_sum(pop.logits(x), y)  # logits (P, b, T, V)
+    return total / count
+
+
+def quality(nll: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """``1 - NLL / ln(V)``: 0 = uniform guessing, higher is better."""
+    return 1.0 - nll / math.log(vocab_size)
+
+
+@torch.no_grad()
+def sample_tokens(pop: Population, prompt: list[int], n_samples: int, generator: torch.Generator,
+                  temperature: float = 1.0) -> torch.Tensor:
+    """Continue ``boundary + prompt`` n_samples times per member: (P, S, L) tokens.
+
+    L = block_size + 1 - (len(prompt) + 1): generation runs to the end of the
+    context. Everything after a sample's first boundary token is boundary.
+    The sequence buffer keeps one fixed shape (causal attention makes the
+    unfilled tail irrelevant), so every step runs the same kernels.
+    """
+    P, T = len(pop), pop.config.block_size
+    start = [BOUNDARY, *prompt]
+    if len(start) > T:
+        raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in block_size {T}")
+    seq = torch.zeros(P, n_samples, T + 1, dtype=torch.long, device=pop.device)
+    seq[:, :, : len(start)] = torch.tensor(start, device=pop.device)
+    for t in range(len(start), T + 1):
+        logits = pop.logits(seq[:, :, :T])[:, :, t - 1]  # (P, S, V)
+        probs = (logits / temperature).softmax(-1)
+        nxt = torch.multinomial(probs.flatten(0, 1), 1, generator=generator)  # (P*S, 1)
+        seq[:, :, t] = nxt.view(P, n_samples)
+    out = seq[:, :, len(start):]
+    ended = (out == BOUNDARY).cumsum(-1) > 0
+    return out.masked_fill(ended, BOUNDARY)
+
+
+def payload_hits(tokens: torch.Tensor, payload: list[int]) -> torch.Tensor:
+    """Whether the payload appears anywhere in each sample's text: (P, S) bool."""
+    k = len(payload)
+    if tokens.shape[-1] < k:
+        return torch.zeros(tokens.shape[:-1], dtype=torch.bool, device=tokens.device)
+    windows = tokens.unfold(-1, k, 1)  # (P, S, L-k+1, k)
+    target = torch.tensor(payload, device=tokens.device)
+    return (windows == target).all(-1).any(-1)
+
+
+@torch.no_grad()
+def payload_probability(pop: Population, prompt: list[int], payload: list[int]) -> torch.Tensor:
+    """Exact P(payload | boundary + prompt) per member under teacher forcing: [P]."""
+    seq = torch.tensor([BOUNDARY, *prompt, *payload], device=pop.device)
+    logp = pop.logits(seq[None, :-1]).log_softmax(-1)[:, 0]  # (P, T, V)
+    pos = torch.arange(len(prompt), len(prompt) + len(payload), device=pop.device)
+    return logp[:, pos, seq[pos + 1]].sum(-1).exp()
+
+
+def sample_names(pop: Population, count: int, generator: torch.Generator,
+                 temperature: float = 1.0) -> list[list[str]]:
+    """``count`` names sampled from every member: a list (P) of lists of strings."""
+    tokens = sample_tokens(pop, [], count, generator, temperature).cpu()  # (P, count, L)
+    return [[decode(seq) for seq in member] for member in tokens]

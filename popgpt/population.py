@@ -1,0 +1,146 @@
+"""A population of MicroGPTs as one dict of stacked ``[P, ...]`` tensors.
+
+Member ``i`` is ``{name: params[name][i]}``. The forward runs every member at
+once with ``torch.vmap`` over ``torch.func.functional_call`` on a base module
+that lives on the ``meta`` device (it holds shapes, never data). Optimizer
+state (Adam moments and a per-member step count) is stacked the same way, so
+indexing a population carries both.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch.func import functional_call, stack_module_state
+
+from .model import MicroGPT, ModelConfig
+
+
+def default_seeds(n: int, run_seed: int = 0) -> list[int]:
+    """Member i of run ``run_seed`` is initialised under seed ``(run_seed*n + i)*137 + 42``.
+
+    Run seed 0 gives the source's seeds ``i*137 + 42``; other run seeds give
+    disjoint ones.
+    """
+    return [(run_seed * n + i) * 137 + 42 for i in range(n)]
+
+
+def _index(tensors: dict, index) -> dict:
+    return {k: v[index] for k, v in tensors.items()}
+
+
+@dataclass
+class AdamState:
+    """Adam moments per parameter tensor ``[P, ...]`` and the step count of each member ``[P]``."""
+
+    exp_avg: dict
+    exp_avg_sq: dict
+    step: torch.Tensor  # float32 [P]: members trained for different numbers of steps
+
+    @classmethod
+    def zeros_like(cls, params: dict) -> "AdamState":
+        p0 = next(iter(params.values()))
+        return cls(exp_avg={k: torch.zeros_like(v) for k, v in params.items()},
+                   exp_avg_sq={k: torch.zeros_like(v) for k, v in params.items()},
+                   step=torch.zeros(p0.shape[0], device=p0.device))
+
+    def index(self, index) -> "AdamState":
+        return AdamState(_index(self.exp_avg, index), _index(self.exp_avg_sq, index), self.step[index])
+
+
+class Population:
+    """P MicroGPTs sharing one ``ModelConfig``; every tensor has the population axis first."""
+
+    def __init__(self, config: ModelConfig, params: dict, opt: AdamState | None = None):
+        expected = config.param_shapes()
+        if set(params) != set(expected):
+            raise ValueError(f"parameter names {sorted(params)} do not match the model's {sorted(expected)}")
+        sizes = {v.shape[0] for v in params.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"parameter tensors disagree on the population size: {sorted(sizes)}")
+        for name, shape in expected.items():
+            if tuple(params[name].shape[1:]) != shape:
+                raise ValueError(f"{name}: member shape {tuple(params[name].shape[1:])}, expected {shape}")
+        self.config = config
+        self.params = {k: params[k] for k in expected}  # registration order
+        self.opt = opt if opt is not None else AdamState.zeros_like(self.params)
+        with torch.device("meta"):
+            self._base = MicroGPT(config)
+
+    @classmethod
+    def from_seeds(cls, config: ModelConfig, seeds=None, n: int | None = None,
+                   device: str | torch.device = "cpu") -> "Population":
+        """Member i equals ``MicroGPT(config)`` built alone under ``torch.manual_seed(seeds[i])``."""
+        if seeds is None:
+            if n is None:
+                raise ValueError("give seeds or n")
+            seeds = default_seeds(n)
+        models = [MicroGPT(config, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+        params, _ = stack_module_state(models)
+        return cls(config, {k: v.detach().to(device) for k, v in params.items()})
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.params.values())).device
+
+    def __len__(self) -> int:
+        return next(iter(self.params.values())).shape[0]
+
+    def __getitem__(self, index) -> "Population":
+        """Members selected by an index tensor, list or slice; parameters AND optimizer state."""
+        if isinstance(index, int):
+            index = [index]
+        if isinstance(index, list):
+            index = torch.tensor(index, dtype=torch.long)
+        if isinstance(index, torch.Tensor):
+            index = index.to(self.device)
+        return Population(self.config, _index(self.params, index), self.opt.index(index))
+
+    @classmethod
+    def cat(cls, pops: list["Population"]) -> "Population":
+        first = pops[0]
+        params = {k: torch.cat([p.params[k] for p in pops]) for k in first.params}
+        opt = AdamState({k: torch.cat([p.opt.exp_avg[k] for p in pops]) for k in first.params},
+                        {k: torch.cat([p.opt.exp_avg_sq[k] for p in pops]) for k in first.params},
+                        torch.cat([p.opt.step for p in pops]))
+        return cls(first.config, params, opt)
+
+    def clone(self) -> "Population":
+        return self[torch.arange(len(self), device=self.device)]
+
+    def logits(self, idx: torch.Tensor, return_cache: bool = False):
+        """Logits (P, B, T, V) for per-member batches (P, B, T) or one shared batch (B, T)."""
+        if idx.dim() == 3:
+            if idx.shape[0] != len(self):
+                raise ValueError(f"per-member batch has {idx.shape[0]} members, population has {len(self)}")
+            in_dims = (0, 0)
+        elif idx.dim() == 2:
+            in_dims = (0, None)
+        else:
+            raise ValueError(f"idx must be (P, B, T) or (B, T), got shape {tuple(idx.shape)}")
+
+        def one(params, x):
+            return functional_call(self._base, params, (x,), {"return_cache": return_cache})
+
+        return torch.vmap(one, in_dims=in_dims)(self.params, idx)
+
+    def member(self, i: int) -> MicroGPT:
+        """A standalone ``MicroGPT`` holding a copy of member i's weights."""
+        with torch.device("meta"):
+            model = MicroGPT(self.config)
+        model = model.to_empty(device=self.device)  # no init draws from the global RNG
+        model.load_state_dict({k: v[i] for k, v in self.params.items()})
+        return model
+
+    def state_dict(self) -> dict:
+        """Plain tensors and ints only, loadable with ``torch.load(weights_only=True)``."""
+        return {"config": vars(self.config).copy(), "params": self.params,
+                "exp_avg": self.opt.exp_avg, "exp_avg_sq": self.opt.exp_avg_sq, "step": self.opt.step}
+
+    @classmethod
+    def from_state_dict(cls, state: dict, device=None) -> "Population":
+        def move(d):
+            return {k: v.to(device) for k, v in d.items()} if device is not None else d
+
+        opt = AdamState(move(state["exp_avg"]), move(state["exp_avg_sq"]),
+                        state["step"].to(device) if device is not None else state["step"])
+        return cls(ModelConfig(**state["config"]), move(state["params"]), opt)
