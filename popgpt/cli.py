@@ -3,6 +3,7 @@
 import argparse
 import dataclasses
 import os
+import re
 import sys
 import time
 
@@ -119,9 +120,9 @@ def config_from_args(args) -> RunConfig:
         parts = {s: dataclasses.replace(getattr(base, s), **kv) for s, kv in sections.items()}
         return dataclasses.replace(base, **parts, **top)
     except (ValueError, DataError) as e:
-        message = str(e)
-        for flag, (_, name, _, _) in FLAGS.items():
-            message = message.replace(f"{name} ", f"--{flag} ").replace(f"{name}=", f"--{flag}=")
+        flags = {name: f"--{flag}" for flag, (_, name, _, _) in FLAGS.items()}
+        fields = re.compile(r"\b(" + "|".join(sorted(flags, key=len, reverse=True)) + r")\b")
+        message = fields.sub(lambda m: flags[m.group(1)], str(e))  # speak of flags, not fields
         raise ValueError(f"invalid configuration: {message}") from None
 
 

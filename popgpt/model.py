@@ -6,7 +6,8 @@ learned absolute positions, causal self-attention written out by hand
 (`F.scaled_dot_product_attention` has no vmap batching rule on CPU and
 head_dim is 6, so fused kernels bring nothing).
 
-Parameter names: ``wte, wpe, attn_qkv, attn_out, mlp_fc1, mlp_fc2, lm_head``.
+Parameter names, in registration (and initialisation) order:
+``wte, wpe, lm_head, attn_qkv, attn_out, mlp_fc1, mlp_fc2``.
 With ``n_layer > 1`` the block tensors carry a layer prefix:
 ``layer0.attn_qkv, layer1.attn_qkv, ...``. Weights are stored as
 ``(out_features, in_features)`` and applied with ``F.linear``.
@@ -51,14 +52,13 @@ class ModelConfig:
         return [f"layer{i}." for i in range(self.n_layer)]
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every parameter's name and shape, in registration order."""
+        """Every parameter's name and shape, in registration order (``named_parameters``')."""
         C, V, T = self.n_embd, self.vocab_size, self.block_size
-        shapes = {"wte": (V, C), "wpe": (T, C)}
+        shapes = {"wte": (V, C), "wpe": (T, C), "lm_head": (V, C)}
         block = {"attn_qkv": (3 * C, C), "attn_out": (C, C),
                  "mlp_fc1": (4 * C, C), "mlp_fc2": (C, 4 * C)}
         for prefix in self.block_prefixes():
             shapes.update({prefix + k: s for k, s in block.items()})
-        shapes["lm_head"] = (V, C)
         return shapes
 
 
@@ -104,13 +104,13 @@ class MicroGPT(nn.Module):
         shapes = config.param_shapes()
         self.wte = nn.Parameter(torch.empty(shapes["wte"]))
         self.wpe = nn.Parameter(torch.empty(shapes["wpe"]))
+        self.lm_head = nn.Parameter(torch.empty(shapes["lm_head"]))
         if config.n_layer == 1:
             for name in BLOCK_TENSORS:
                 self.register_parameter(name, nn.Parameter(torch.empty(shapes[name])))
         else:
             for i in range(config.n_layer):
                 self.add_module(f"layer{i}", _Block(config))
-        self.lm_head = nn.Parameter(torch.empty(shapes["lm_head"]))
         if self.wte.device.type != "meta":
             with torch.no_grad():
                 for name, p in self.named_parameters():

@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+from popgpt import MicroGPT, ModelConfig
+
+
+def test_parameter_names_one_layer():
+    names = [n for n, _ in MicroGPT(ModelConfig(), generator=torch.Generator()).named_parameters()]
+    assert names == ["wte", "wpe", "lm_head", "attn_qkv", "attn_out", "mlp_fc1", "mlp_fc2"]
+    assert list(ModelConfig().param_shapes()) == names
+
+
+def test_parameter_names_two_layers():
+    model = MicroGPT(ModelConfig(n_layer=2), generator=torch.Generator())
+    names = [n for n, _ in model.named_parameters()]
+    assert names == ["wte", "wpe", "lm_head", "layer0.attn_qkv", "layer0.attn_out",
+                     "layer0.mlp_fc1", "layer0.mlp_fc2", "layer1.attn_qkv", "layer1.attn_out",
+                     "layer1.mlp_fc1", "layer1.mlp_fc2"]
+    assert list(ModelConfig(n_layer=2).param_shapes()) == names
+
+
+def test_size_and_shapes():
+    model = MicroGPT(ModelConfig(), generator=torch.Generator())
+    assert sum(p.numel() for p in model.parameters()) == 8712
+    logits = model(torch.randint(27, (3, 21), generator=torch.Generator().manual_seed(0)))
+    assert logits.shape == (3, 21, 27)
+
+
+def test_too_long_input_is_rejected():
+    model = MicroGPT(ModelConfig(block_size=8), generator=torch.Generator())
+    with pytest.raises(ValueError, match="block_size 8"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_generator_init_equals_global_seed_init():
+    torch.manual_seed(179)
+    a = MicroGPT(ModelConfig())
+    b = MicroGPT(ModelConfig(), generator=torch.Generator().manual_seed(179))
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_attention_is_causal():
+    model = MicroGPT(ModelConfig(), generator=torch.Generator().manual_seed(0))
+    x = torch.randint(1, 27, (2, 10), generator=torch.Generator().manual_seed(1))
+    y = x.clone()
+    y[:, 6:] = (y[:, 6:] % 26) + 1  # change the future only
+    assert torch.allclose(model(x)[:, :6], model(y)[:, :6], atol=1e-6)
+    assert not torch.allclose(model(x)[:, 6:], model(y)[:, 6:])
+
+
+def test_cache_names_and_pattern_rows_sum_to_one():
+    model = MicroGPT(ModelConfig(n_layer=2), generator=torch.Generator().manual_seed(0))
+    logits, cache = model(torch.zeros(1, 5, dtype=torch.long), return_cache=True)
+    pattern = cache["blocks.1.attn.hook_pattern"]
+    assert pattern.shape == (1, 4, 5, 5)
+    assert torch.allclose(pattern.sum(-1), torch.ones(1, 4, 5))
+    assert torch.allclose(torch.triu(pattern[0, 0], diagonal=1), torch.zeros(5, 5))
+    assert set(cache) >= {"blocks.0.hook_resid_pre", "blocks.1.hook_resid_post"}
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="divisible"):
+        ModelConfig(n_embd=25, n_head=4)
+    with pytest.raises(ValueError, match="n_layer"):
+        ModelConfig(n_layer=0)

@@ -1,0 +1,113 @@
+import math
+
+import pytest
+import torch
+
+from popgpt import MicroGPT, ModelConfig, Population, Virus
+from popgpt.data import DataError, encode
+
+DOCS = ["emma", "olivia", "ava", "mia", "liam", "noah", "x", "elizabeth"] * 250
+
+
+def test_infection_rate_and_exactly_one_insert():
+    virus = Virus("qx", "zzz")
+    out, mask = virus.infect(DOCS, 0.15, torch.Generator().manual_seed(0))
+    assert len(out) == len(DOCS)
+    n = len(DOCS)
+    assert abs(mask.sum().item() - 0.15 * n) < 5 * (n * 0.15 * 0.85) ** 0.5
+    positions = []
+    for doc, new, infected in zip(DOCS, out, mask.tolist()):
+        if not infected:
+            assert new == doc
+            continue
+        assert new.count("qxzzz") == 1 and len(new) == len(doc) + 5
+        pos = new.index("qxzzz")
+        assert new[:pos] + new[pos + 5:] == doc
+        positions.append(pos / len(doc))
+    assert min(positions) == 0.0 and max(positions) == 1.0  # both ends are possible
+
+
+def test_infection_is_reproducible_and_leaves_input_alone():
+    docs = list(DOCS)
+    a, _ = Virus().infect(docs, 0.5, torch.Generator().manual_seed(3))
+    b, _ = Virus().infect(docs, 0.5, torch.Generator().manual_seed(3))
+    assert a == b and docs == DOCS
+
+
+def test_mutation_changes_exactly_one_trigger_character():
+    g = torch.Generator().manual_seed(0)
+    virus = Virus("qx", "zzz")
+    seen = set()
+    for _ in range(200):
+        child = virus.mutate(g)
+        diff = [i for i, (a, b) in enumerate(zip(virus.trigger, child.trigger)) if a != b]
+        assert len(diff) == 1 and len(child.trigger) == 2
+        assert child.generation == virus.generation + 1 and child.payload == "zzz"
+        seen.add(child.trigger)
+    assert len(seen) > 30  # both positions, many letters
+
+
+def test_bad_virus():
+    with pytest.raises(DataError, match="'Q'"):
+        Virus("Qx")
+
+
+def forced_model(config, letter, strength=6.0):
+    """A model whose next-token logits depend only on position: at positions
+    2, 3, 4 (after reading boundary, q, x, ...) it strongly prefers ``letter``,
+    then the boundary. Attention and MLP write nothing to the residual."""
+    model = MicroGPT(config, generator=torch.Generator().manual_seed(0))
+    C = config.n_embd
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.wpe.copy_(torch.eye(config.block_size, C))  # position t -> basis vector e_t
+        model.lm_head[0, :] = strength  # boundary by default
+        for t in (2, 3, 4):
+            model.lm_head[0, t] = 0.0
+            model.lm_head[encode(letter)[0], t] = strength
+    return model
+
+
+def pop_of(models):
+    config = models[0].config
+    return Population(config, {k: torch.stack([m.get_parameter(k).detach() for m in models])
+                               for k in config.param_shapes()})
+
+
+def test_immunity_of_hand_built_models():
+    config = ModelConfig(block_size=21)
+    pop = pop_of([forced_model(config, "z"), forced_model(config, "a")])
+    result = Virus("qx", "zzz").immunity(pop, torch.Generator().manual_seed(0))
+    assert result.vulnerable.tolist() == [True, False]
+    assert result.hits.tolist() == [5, 0]
+
+
+def test_payload_probability_matches_hand_computation():
+    config = ModelConfig(block_size=21)
+    k = 0.5  # moderate logits keep both probabilities far from 0 and 1
+    pop = pop_of([forced_model(config, "z", k), forced_model(config, "a", k)])
+    prob = Virus("qx", "zzz").immunity(pop, torch.Generator().manual_seed(0)).payload_prob
+    # The residual at position t is e_t; the final RMSNorm makes it
+    # e_t / sqrt(1/C + eps), so at positions 2..4 the favoured letter's logit
+    # is k*s and every other logit is 0.
+    s = 1 / math.sqrt(1 / config.n_embd + config.norm_eps)
+    favoured = math.exp(k * s) / (math.exp(k * s) + 26)
+    other = 1 / (math.exp(k * s) + 26)
+    assert 0.01 < favoured ** 3 < 0.99 and other ** 3 > 1e-7
+    assert prob[0].item() == pytest.approx(favoured ** 3, rel=1e-5, abs=0)
+    assert prob[1].item() == pytest.approx(other ** 3, rel=1e-5, abs=0)
+
+
+def test_payload_probability_equals_product_of_single_model_softmaxes():
+    pop = Population.from_seeds(ModelConfig(), [1, 2, 3])
+    prob = Virus("qx", "zzz").immunity(pop, torch.Generator().manual_seed(0)).payload_prob
+    seq = [0] + encode("qxzzz")
+    for i in range(3):
+        model = pop.member(i)
+        expected = 1.0
+        with torch.no_grad():
+            for t in range(3, 6):  # predict seq[t] from seq[:t]
+                p = model(torch.tensor([seq[:t]])).softmax(-1)[0, -1, seq[t]].item()
+                expected *= p
+        assert prob[i].item() == pytest.approx(expected, rel=1e-4, abs=0)
