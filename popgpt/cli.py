@@ -39,6 +39,7 @@ FLAGS = {
     "n-embd": ("model", "n_embd", int, "embedding width"),
     "n-head": ("model", "n_head", int, "attention heads"),
     "n-layer": ("model", "n_layer", int, "transformer layers"),
+    "engine": (None, "engine", str, "training engine: auto, eager, compile or graph (graph: CUDA graphs)"),
     "seed": (None, "seed", int, "run seed (member i starts from seed (seed*P+i)*137+42)"),
     "sample-names": (None, "n_sample_names", int, "names written to samples.txt per member"),
 }
@@ -73,15 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ev.add_argument("--keep-all-checkpoints", action="store_true",
                     help="keep every generation's checkpoint (default: generation 0 and the newest)")
-    for flag, (_, _, typ, text) in FLAGS.items():
-        ev.add_argument(f"--{flag}", type=typ, help=text)
+    defaults = RunConfig()
+    for flag, (section, name, typ, text) in FLAGS.items():
+        default = getattr(defaults if section is None else getattr(defaults, section), name)
+        quick = PRESETS["quick"].get(flag)
+        shown = f"default: {default}" + (f"; quick: {quick}" if quick is not None else "")
+        ev.add_argument(f"--{flag}", type=typ, help=f"{text} ({shown})")
 
     sm = sub.add_parser("sample", help="print names sampled from one saved member")
-    sm.add_argument("run_dir")
-    sm.add_argument("--member", type=int, required=True)
-    sm.add_argument("--count", type=int, default=20)
+    sm.add_argument("run_dir", help="a run folder written by popgpt evolve")
+    sm.add_argument("--member", type=int, required=True, help="member index in that generation")
+    sm.add_argument("--count", type=int, default=20, help="names to print (default: 20)")
     sm.add_argument("--generation", type=int, help="saved generation (default: the newest)")
-    sm.add_argument("--seed", type=int, default=0)
+    sm.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     return parser
 
 

@@ -92,11 +92,3 @@ def inputs_targets(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x = rows[..., :-1].clamp(min=0)  # padding inputs only feed ignored targets
     y = rows[..., 1:]
     return x, y
-
-
-def sample_batches(rows: torch.Tensor, n_members: int, batch_size: int,
-                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Independent batches for every member: inputs and targets, each (P, B, T)."""
-    idx = torch.randint(len(rows), (n_members, batch_size), generator=generator,
-                        device=generator.device)
-    return inputs_targets(rows[idx.to(rows.device)])

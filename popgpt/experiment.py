@@ -17,12 +17,14 @@ import platform
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
 from . import __version__
 from .data import docs_to_tensor, load_names, split_names
+from .engine import ENGINES, Engine, default_engine
 from .evaluate import clean_nll, quality, sample_names
 from .evolution import EvolutionConfig, next_generation, selection_fitness
 from .model import ModelConfig
@@ -59,8 +61,15 @@ class RunConfig:
     evolution: EvolutionConfig = field(default_factory=EvolutionConfig)
     seed: int = 0  # everything random in the run derives from this
     device: str = "cpu"
+    engine: str = "auto"  # eager | compile | graph; auto: graph on CUDA, eager on CPU
     keep_all_checkpoints: bool = False  # else keep generation 0 and the newest
     n_sample_names: int = 20  # names written to samples.txt per sampled member
+
+    def __post_init__(self):
+        if self.engine not in ("auto", *ENGINES):
+            raise ValueError(f"engine must be auto or one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.n_sample_names < 1:
+            raise ValueError(f"n_sample_names must be >= 1, got {self.n_sample_names}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -124,13 +133,75 @@ def _best_member_samples(pop, metrics, want_vulnerable: bool, count: int, seed: 
     return [f"# {label}: member {i}, quality {float(metrics['quality'][i]):.4f}"] + names
 
 
+class PhaseTimer:
+    """Wall seconds per phase of a run; ``sync`` makes GPU work finish inside its phase."""
+
+    def __init__(self, sync: bool = False):
+        self.sync = sync
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str, device: torch.device):
+        if self.sync and device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        yield
+        if self.sync and device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
+
+
+@dataclass
+class _RunState:
+    """Everything a generation needs from the one before; saved in each checkpoint."""
+
+    generation: int
+    pop: Population
+    virus: Virus
+    infection_rng: torch.Tensor  # host RNG state the current infection was drawn from
+    host: torch.Generator  # split, infection, trigger mutation
+    dev: torch.Generator  # batches, breeding, sampling
+    rows: list = field(default_factory=list)  # generations.csv rows so far
+    parents: list = field(default_factory=list)  # (P, 2) per generation > 0: lineage
+    fitness: torch.Tensor | None = None  # selection fitness of the last evaluation [P]
+    metrics: dict | None = None  # host copies of the last evaluation's [P] vectors
+    samples0: list = field(default_factory=list)
+
+    def to_checkpoint(self) -> dict:
+        return {"generation": self.generation, "population": self.pop.state_dict(),
+                "virus": self.virus.to_dict(), "infection_rng": self.infection_rng,
+                "host_rng": self.host.get_state(), "device_rng": self.dev.get_state(),
+                "rows": self.rows, "parents": self.parents, "selection_fitness": self.fitness.cpu(),
+                "metrics": self.metrics, "samples_gen0": self.samples0}
+
+    @classmethod
+    def from_checkpoint(cls, ck: dict, device: torch.device) -> "_RunState":
+        host, dev = torch.Generator(), torch.Generator(device)
+        host.set_state(ck["host_rng"])
+        dev.set_state(ck["device_rng"])
+        return cls(ck["generation"], Population.from_state_dict(ck["population"], device),
+                   Virus(**ck["virus"]), ck["infection_rng"], host, dev, ck["rows"], ck["parents"],
+                   ck["selection_fitness"].to(device), ck["metrics"], ck["samples_gen0"])
+
+
+def _infect(virus: Virus, docs: list[str], rate: float, generator: torch.Generator, block_size: int,
+            device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoded infected training rows, and the generator state they were drawn from
+    (a checkpoint keeps that state instead of the infected names)."""
+    state = generator.get_state()
+    infected, _ = virus.infect(docs, rate, generator)
+    return docs_to_tensor(infected, block_size).to(device), state
+
+
 def evolve(config: RunConfig, run_dir: str, resume: bool = False, on_generation=None,
-           log=print) -> dict:
+           log=print, engine: Engine | None = None, timer: PhaseTimer | None = None) -> dict:
     """Run (or resume) the experiment in ``run_dir``; returns the results dict.
 
     ``on_generation(generation, row)`` is called after each generation has
-    been saved. Raises RunError when ``run_dir`` already holds a run and
-    ``resume`` is False, or when resuming with a different config.
+    been saved. ``engine`` reuses compiled/captured steps across calls (else
+    one is made from ``config.engine``); ``timer`` collects per-phase seconds.
+    Raises RunError when ``run_dir`` already holds a run and ``resume`` is
+    False, or when resuming with a different config.
     """
     started = time.perf_counter()
     names = load_names(config.data.path)
@@ -144,7 +215,9 @@ def evolve(config: RunConfig, run_dir: str, resume: bool = False, on_generation=
         raise RunError(f"{cfg_path}: the saved config differs from the one given; resume with the saved config")
 
     device = torch.device(config.device)
-    E, V = config.evolution, config.virus
+    engine = engine or Engine(default_engine(device) if config.engine == "auto" else config.engine)
+    timer = timer or PhaseTimer()
+    E, V, block = config.evolution, config.virus, config.model.block_size
     seeds = default_seeds(E.pop_size, config.seed)
     env = _environment(device)
     os.makedirs(run_dir, exist_ok=True)
@@ -152,75 +225,70 @@ def evolve(config: RunConfig, run_dir: str, resume: bool = False, on_generation=
                           "member_seeds": seeds, "environment": env})
     train_docs, val_docs = split_names(names, config.data.val_frac,
                                        torch.Generator().manual_seed(config.seed))
-    eval_rows = docs_to_tensor(val_docs[: config.data.eval_docs], config.model.block_size)
+    eval_rows = docs_to_tensor(val_docs[: config.data.eval_docs], block)
     n_params = sum(math.prod(s) for s in config.model.param_shapes().values())
     log(f"popgpt {__version__} | torch {env['torch']} | {env['device']} ({env['device_name']}) "
-        f"| threads {env['threads']} | run folder {run_dir}")
+        f"| threads {env['threads']} | engine {engine.kind} | run folder {run_dir}")
     log(f"{E.pop_size} members x {n_params} parameters | {len(train_docs)} training names, "
-        f"{len(eval_rows)} held-out names scored | block size {config.model.block_size} | "
-        f"tokens per member-step {config.train.batch_size * config.model.block_size}")
+        f"{len(eval_rows)} held-out names scored | block size {block} | "
+        f"tokens per member-step {config.train.batch_size * block}")
 
     if saved and resume:
-        state = load_checkpoint(run_dir)
-        host = torch.Generator()
-        host.set_state(state["host_rng"])
-        dev = torch.Generator(device)
-        dev.set_state(state["device_rng"])
-        pop = Population.from_state_dict(state["population"], device)
-        virus, infected = Virus(**state["virus"]), state["infected_docs"]
-        rows, parents_history = state["rows"], state["parents"]
-        fitness = state["selection_fitness"].to(device)
-        samples0, start = state["samples_gen0"], state["generation"] + 1
-        host_metrics = state["metrics"]
-        log(f"resuming after generation {state['generation']}")
+        st = _RunState.from_checkpoint(load_checkpoint(run_dir), device)
+        replay = torch.Generator().set_state(st.infection_rng)
+        rows_t, _ = _infect(st.virus, train_docs, V.rate, replay, block, device)
+        log(f"resuming after generation {st.generation}")
+        first = st.generation + 1
     else:
-        host = torch.Generator().manual_seed(config.seed)  # split, infection, trigger mutation
-        dev = torch.Generator(device).manual_seed(config.seed)  # batches, breeding, sampling
+        host = torch.Generator().manual_seed(config.seed)
         virus = Virus(V.trigger, V.payload)
-        infected, _ = virus.infect(train_docs, V.rate, host)
-        pop = Population.from_seeds(config.model, seeds, device)
-        rows, parents_history, samples0, start = [], [], [], 0
+        rows_t, infection_rng = _infect(virus, train_docs, V.rate, host, block, device)
+        st = _RunState(0, Population.from_seeds(config.model, seeds, device), virus,
+                       infection_rng, host, torch.Generator(device).manual_seed(config.seed))
+        first = 0
 
     log(format_table([], _LIVE_COLUMNS))
-    gen_started = time.perf_counter()
-    for gen in range(start, E.generations + 1):
+    loop_started = time.perf_counter()
+    finetune = dataclasses.replace(config.train, steps=E.finetune_steps)
+    for gen in range(first, E.generations + 1):
+        st.generation = gen
         if gen > 0 and V.mutate_every and gen % V.mutate_every == 0:
-            virus = virus.mutate(host)
-            infected, _ = virus.infect(train_docs, V.rate, host)
-        rows_t = docs_to_tensor(infected, config.model.block_size).to(device)
+            with timer("evolution_ops", device):
+                st.virus = st.virus.mutate(st.host)
+                rows_t, st.infection_rng = _infect(st.virus, train_docs, V.rate, st.host, block, device)
         if gen == 0:
-            train(pop, rows_t, config=config.train, generator=dev)
+            with timer("training", device):
+                train(st.pop, rows_t, config=config.train, generator=st.dev, engine=engine)
         else:
-            survivors, children, parents = next_generation(pop, fitness, E, dev)
-            train(children, rows_t, config=dataclasses.replace(config.train, steps=E.finetune_steps),
-                  generator=dev)
-            pop = Population.cat([survivors, children])
-            parents_history.append(parents.cpu())
-        metrics = evaluate_population(pop, virus, eval_rows, V, dev)
-        fitness = selection_fitness(metrics["quality"], metrics["vulnerable"], E.vulnerable_penalty)
-        host_metrics = {k: v.cpu() for k, v in metrics.items()}  # the one host read per generation
-        rows.append(summarize(gen, host_metrics, virus))
-        if gen == 0:
-            samples0 = _best_member_samples(pop, host_metrics, True, config.n_sample_names,
-                                            config.seed, "generation 0, best vulnerable")
-        save_checkpoint(run_dir, gen, {
-            "generation": gen, "population": pop.state_dict(), "virus": virus.to_dict(),
-            "infected_docs": infected, "host_rng": host.get_state(), "device_rng": dev.get_state(),
-            "rows": rows, "parents": parents_history, "selection_fitness": fitness.cpu(),
-            "metrics": host_metrics, "samples_gen0": samples0}, config.keep_all_checkpoints)
-        write_generations_csv(os.path.join(run_dir, "generations.csv"), rows)
-        done = gen - start + 1
-        elapsed = time.perf_counter() - gen_started
-        eta = elapsed / done * (E.generations - gen)
-        log(_live_row(rows[-1], time.perf_counter() - started, eta))
+            with timer("evolution_ops", device):
+                survivors, children, parents = next_generation(st.pop, st.fitness, E, st.dev)
+            with timer("training", device):
+                train(children, rows_t, config=finetune, generator=st.dev, engine=engine)
+            with timer("evolution_ops", device):
+                st.pop = Population.cat([survivors, children])
+                st.parents.append(parents.cpu())
+        with timer("evaluation", device):
+            metrics = evaluate_population(st.pop, st.virus, eval_rows, V, st.dev)
+            st.fitness = selection_fitness(metrics["quality"], metrics["vulnerable"], E.vulnerable_penalty)
+            st.metrics = {k: v.cpu() for k, v in metrics.items()}  # the one host read per generation
+        st.rows.append(summarize(gen, st.metrics, st.virus))
+        with timer("io", device):
+            if gen == 0:
+                st.samples0 = _best_member_samples(st.pop, st.metrics, True, config.n_sample_names,
+                                                   config.seed, "generation 0, best vulnerable")
+            save_checkpoint(run_dir, gen, st.to_checkpoint(), config.keep_all_checkpoints)
+            write_generations_csv(os.path.join(run_dir, "generations.csv"), st.rows)
+        eta = (time.perf_counter() - loop_started) / (gen - first + 1) * (E.generations - gen)
+        log(_live_row(st.rows[-1], time.perf_counter() - started, eta))
         if on_generation is not None:
-            on_generation(gen, rows[-1])
+            on_generation(gen, st.rows[-1])
 
-    last = _best_member_samples(pop, host_metrics, False, config.n_sample_names,
+    last = _best_member_samples(st.pop, st.metrics, False, config.n_sample_names,
                                 config.seed + 1, f"generation {E.generations}, best immune")
-    write_atomic(os.path.join(run_dir, "samples.txt"), "\n".join(samples0 + [""] + last) + "\n")
-    results = {"final": rows[-1], "generations": rows, "wall_seconds": time.perf_counter() - started,
-               "resumed": bool(saved and resume), "environment": env}
+    write_atomic(os.path.join(run_dir, "samples.txt"), "\n".join(st.samples0 + [""] + last) + "\n")
+    results = {"final": st.rows[-1], "generations": st.rows,
+               "wall_seconds": time.perf_counter() - started, "phase_seconds": timer.seconds,
+               "engine": engine.kind, "resumed": bool(saved and resume), "environment": env}
     write_json(os.path.join(run_dir, "results.json"), results)
     log(f"done in {results['wall_seconds']:.1f} s; tables in {run_dir}/generations.csv, "
         f"samples in {run_dir}/samples.txt")

@@ -47,6 +47,15 @@ class AdamState:
         return AdamState(_index(self.exp_avg, index), _index(self.exp_avg_sq, index), self.step[index])
 
 
+def population_logits(base: MicroGPT, params: dict, idx: torch.Tensor, in_dims=(0, 0),
+                      return_cache: bool = False):
+    """vmap of ``functional_call(base, member_params, (idx,))`` over the population axis."""
+    def one(member_params, x):
+        return functional_call(base, member_params, (x,), {"return_cache": return_cache})
+
+    return torch.vmap(one, in_dims=in_dims)(params, idx)
+
+
 class Population:
     """P MicroGPTs sharing one ``ModelConfig``; every tensor has the population axis first."""
 
@@ -64,7 +73,7 @@ class Population:
         self.params = {k: params[k] for k in expected}  # registration order
         self.opt = opt if opt is not None else AdamState.zeros_like(self.params)
         with torch.device("meta"):
-            self._base = MicroGPT(config)
+            self.base = MicroGPT(config)
 
     @classmethod
     def from_seeds(cls, config: ModelConfig, seeds=None, n: int | None = None,
@@ -118,10 +127,7 @@ class Population:
         else:
             raise ValueError(f"idx must be (P, B, T) or (B, T), got shape {tuple(idx.shape)}")
 
-        def one(params, x):
-            return functional_call(self._base, params, (x,), {"return_cache": return_cache})
-
-        return torch.vmap(one, in_dims=in_dims)(self.params, idx)
+        return population_logits(self.base, self.params, idx, in_dims, return_cache)
 
     def member(self, i: int) -> MicroGPT:
         """A standalone ``MicroGPT`` holding a copy of member i's weights."""

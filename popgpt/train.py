@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .data import IGNORE, docs_to_tensor, sample_batches
-from .population import AdamState, Population
+from .data import IGNORE, docs_to_tensor
+from .population import AdamState, Population, population_logits
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,12 @@ def member_losses(pop: Population, x: torch.Tensor, y: torch.Tensor) -> torch.Te
 
     x, y: (P, B, T) per-member batches, or (B, T) one batch shared by all.
     """
-    logits = pop.logits(x)  # (P, B, T, V)
+    return losses_of(pop.base, pop.params, x, y)
+
+
+def losses_of(base, params: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``member_losses`` as a function of the stacked parameters (what engines compile)."""
+    logits = population_logits(base, params, x, (0, 0) if x.dim() == 3 else (0, None))  # (P, B, T, V)
     return member_nll_sum(logits, y) / (y != IGNORE).sum((-2, -1))
 
 
@@ -85,23 +90,29 @@ def train_step(pop: Population, x: torch.Tensor, y: torch.Tensor, cfg: TrainConf
     return losses.detach()
 
 
+def sample_indices(n_rows: int, steps: int, n_members: int, batch_size: int,
+                   generator: torch.Generator) -> torch.Tensor:
+    """Row indices of every batch of a round, drawn in one call: (steps, P, B)."""
+    return torch.randint(n_rows, (steps, n_members, batch_size), generator=generator,
+                         device=generator.device)
+
+
 def train(pop: Population, docs, steps: int = 100, batch_size: int = 32,
-          generator: torch.Generator | None = None, config: TrainConfig | None = None) -> torch.Tensor:
+          generator: torch.Generator | None = None, config: TrainConfig | None = None,
+          engine=None) -> torch.Tensor:
     """Train every member in place on its own random batches of ``docs``.
 
     ``docs``: a list of strings, or rows already encoded by ``data.docs_to_tensor``.
-    ``config`` overrides ``steps`` and ``batch_size`` when given.
-    Returns the loss history (steps, P), left on the population's device.
+    ``config`` overrides ``steps`` and ``batch_size`` when given. ``engine``
+    (a ``popgpt.engine.Engine``) chooses how steps execute; the default is
+    eager. Returns the loss history (steps, P), left on the population's device.
     """
+    from .engine import Engine
+
     cfg = config if config is not None else TrainConfig(steps=steps, batch_size=batch_size)
     if generator is None:
         raise ValueError("train needs an explicit torch.Generator (randomness is never global)")
     rows = docs if isinstance(docs, torch.Tensor) else docs_to_tensor(docs, pop.config.block_size)
     rows = rows.to(pop.device)
-    history = []
-    for _ in range(cfg.steps):
-        x, y = sample_batches(rows, len(pop), cfg.batch_size, generator)  # (P, B, T) each
-        history.append(train_step(pop, x, y, cfg))
-    if not history:
-        return torch.zeros(0, len(pop), device=pop.device)
-    return torch.stack(history)  # (steps, P)
+    idx = sample_indices(len(rows), cfg.steps, len(pop), cfg.batch_size, generator).to(pop.device)
+    return (engine or Engine("eager")).run(pop, rows, idx, cfg)

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from popgpt.data import (BOUNDARY, IGNORE, DataError, decode, docs_to_tensor, encode,
-                         inputs_targets, load_names, sample_batches, split_names)
+                         inputs_targets, load_names, split_names)
+from popgpt.train import sample_indices
 
 
 def test_encode_decode_roundtrip():
@@ -56,8 +57,7 @@ def test_split_is_a_partition_and_reproducible():
     assert (tr, va) == (tr2, va2) and len(va) == 20 and sorted(tr + va) == sorted(names)
 
 
-def test_sample_batches_are_per_member():
-    rows = docs_to_tensor(["ab", "cd", "ef", "gh"], 3)
-    x, y = sample_batches(rows, 5, 7, torch.Generator().manual_seed(0))
-    assert x.shape == y.shape == (5, 7, 3)
-    assert not all(torch.equal(x[0], x[i]) for i in range(1, 5))
+def test_sample_indices_are_per_member_and_step():
+    idx = sample_indices(4, 3, 5, 7, torch.Generator().manual_seed(0))
+    assert idx.shape == (3, 5, 7) and idx.min() >= 0 and idx.max() < 4
+    assert not torch.equal(idx[0, 0], idx[0, 1]) and not torch.equal(idx[0], idx[1])

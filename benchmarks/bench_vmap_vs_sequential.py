@@ -1,0 +1,141 @@
+"""Batched popgpt training against the plain sequential loop, same device, same batches.
+
+Sequential: one ``MicroGPT`` ``nn.Module`` with ``torch.optim.Adam`` per
+member, trained one member after another. Batched: one ``Population`` of all
+members, each popgpt engine asked for. Both consume the same batch indices,
+so after the run both must hold the same parameters (checked, within float
+tolerance). Warm-up steps (including compile/capture) are excluded from the
+timings; CUDA is synchronised around every timed region.
+
+Sequential member-steps/s do not depend on P (members run one at a time), so
+for large P the sequential loop is timed on the first ``--seq-cap`` members
+and the equality check covers those members.
+
+    python benchmarks/bench_vmap_vs_sequential.py --device cpu --threads 2
+    python benchmarks/bench_vmap_vs_sequential.py --device cuda --sizes 1,10,50,200,1000,10000 --engines eager,graph
+"""
+
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import (base_parser, describe, environment, markdown_table, setup,  # noqa: E402
+                               timed, write_results)
+from popgpt import MicroGPT, ModelConfig, Population, TrainConfig  # noqa: E402
+from popgpt.data import IGNORE, docs_to_tensor, inputs_targets, load_names  # noqa: E402
+from popgpt.engine import ENGINES, Engine  # noqa: E402
+from popgpt.population import default_seeds  # noqa: E402
+
+NAMES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "names.txt")
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"--sizes: expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise SystemExit(f"--sizes: every size must be >= 1, got {text!r}")
+    return values
+
+
+def sequential(models, opts, rows, idx):
+    for s in range(idx.shape[0]):
+        for i, (model, opt) in enumerate(zip(models, opts)):
+            x, y = inputs_targets(rows[idx[s, i]])  # (B, T)
+            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=IGNORE)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+
+def bench_size(P, args, engines, rows, device, cfg, tcfg):
+    seeds = default_seeds(P)
+    g = torch.Generator(device).manual_seed(P)
+    idx = torch.randint(len(rows), (args.warmup + args.steps, P, tcfg.batch_size), generator=g, device=device)
+    warm, timed_idx = idx[: args.warmup], idx[args.warmup:]
+
+    n_seq = min(P, args.seq_cap)
+    models = [MicroGPT(cfg, generator=torch.Generator().manual_seed(s)).to(device) for s in seeds[:n_seq]]
+    opts = [torch.optim.Adam(m.parameters(), lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), eps=tcfg.eps)
+            for m in models]
+    sequential(models, opts, rows, warm)
+    seq_s = timed(lambda: sequential(models, opts, rows, timed_idx), device)
+    seq_rate = n_seq * args.steps / seq_s
+
+    out = []
+    for kind in engines:
+        pop = Population.from_seeds(cfg, seeds, device)
+        engine = Engine(kind)
+        warm_s = timed(lambda: engine.run(pop, rows, warm, tcfg), device)
+        run_s = timed(lambda: engine.run(pop, rows, timed_idx, tcfg), device)
+        diff = max(float((pop.params[name][:n_seq] - torch.stack([m.get_parameter(name).detach() for m in models])
+                          ).abs().max()) for name in pop.params)
+        rate = P * args.steps / run_s
+        out.append({"P": P, "engine": kind, "batched_member_steps_per_s": rate,
+                    "sequential_member_steps_per_s": seq_rate, "sequential_members_timed": n_seq,
+                    "speedup": rate / seq_rate, "batched_ms_per_step": 1000 * run_s / args.steps,
+                    "warmup_s": warm_s, "max_abs_param_diff": diff, "equal": diff <= args.tolerance})
+        r = out[-1]
+        print(f"P={P:>6} {kind:>7}: batched {rate:12,.0f} member-steps/s | sequential {seq_rate:9,.0f} "
+              f"({n_seq} members) | speedup {r['speedup']:8.1f}x | max |dparam| {diff:.1e} "
+              f"{'ok' if r['equal'] else 'MISMATCH'}", flush=True)
+        del pop, engine
+    return out
+
+
+def main(argv=None) -> int:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--sizes", help="population sizes (default: 1,10,50,200 on CPU; "
+                        "1,10,50,200,1000,10000 on CUDA)")
+    parser.add_argument("--engines", default=None, help=f"batched engines, from {','.join(ENGINES)} "
+                        "(default: eager on CPU, eager,graph on CUDA)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (default: 10)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seq-cap", type=int, default=200,
+                        help="time the sequential loop on at most this many members (default: 200)")
+    parser.add_argument("--tolerance", type=float, default=1e-4,
+                        help="max |param difference| counted as equal (default: 1e-4)")
+    args = parser.parse_args(argv)
+    device = setup(args)
+    on_gpu = device.type == "cuda"
+    sizes = int_list(args.sizes or ("1,10,50,200,1000,10000" if on_gpu else "1,10,50,200"))
+    engines = (args.engines or ("eager,graph" if on_gpu else "eager")).split(",")
+    bad = [e for e in engines if e not in ENGINES]
+    if bad:
+        raise SystemExit(f"--engines: unknown engine {bad[0]!r}; choose from {', '.join(ENGINES)}")
+    if args.steps < 1 or args.warmup < 1 or args.seq_cap < 1:
+        raise SystemExit("--steps, --warmup and --seq-cap must be >= 1")
+
+    env = environment(device)
+    cfg = ModelConfig(block_size=21)
+    tcfg = TrainConfig(batch_size=args.batch_size)
+    rows = docs_to_tensor([n for n in load_names(NAMES) if len(n) < cfg.block_size], cfg.block_size).to(device)
+    print(describe(env))
+    print(f"config: {cfg} | {tcfg} | steps {args.steps} (+{args.warmup} warm-up) | sizes {sizes} | engines {engines}")
+    results = []
+    for P in sizes:
+        try:
+            results += bench_size(P, args, engines, rows, device, cfg, tcfg)
+        except torch.OutOfMemoryError:
+            print(f"P={P}: out of memory, skipped")
+            results.append({"P": P, "engine": "-", "out_of_memory": True})
+            torch.cuda.empty_cache()
+    ok = [r for r in results if "equal" in r]
+    table = (f"Batched vs sequential training, {describe(env)}\n\n"
+             + markdown_table(ok, ["P", "engine", "batched_member_steps_per_s", "sequential_member_steps_per_s",
+                                   "speedup", "batched_ms_per_step", "max_abs_param_diff", "equal"]))
+    print(table)
+    write_results(args.out, "bench_vmap_vs_sequential",
+                  {"environment": env, "args": vars(args), "model": vars(cfg), "train": vars(tcfg),
+                   "results": results}, table)
+    return 0 if all(r["equal"] for r in ok) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
