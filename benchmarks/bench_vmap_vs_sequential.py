@@ -3,9 +3,18 @@
 Sequential: one ``MicroGPT`` ``nn.Module`` with ``torch.optim.Adam`` per
 member, trained one member after another. Batched: one ``Population`` of all
 members, each popgpt engine asked for. Both consume the same batch indices,
-so after the run both must hold the same parameters (checked, within float
-tolerance). Warm-up steps (including compile/capture) are excluded from the
-timings; CUDA is synchronised around every timed region.
+so both must hold the same parameters. In float32 they agree only up to
+rounding, and Adam amplifies rounding where a gradient is near zero (an
+update is g / (sqrt(v) + eps): a gradient of 1e-9 with rounding noise of
+1e-10 moves a weight by up to lr/10), so a few weights of a few members end
+apart by up to ~1e-3; the share of members agreeing within 1e-5 is
+reported. The verdict comes from the same comparison repeated in float64 on
+the first ``--check-members`` members over the same steps and batches, where
+rounding is 1e-16 and every weight must agree within ``--tolerance``: a
+wiring bug (a member fed another's batch, a reduction across members, a
+wrong optimizer) fails it by orders of magnitude. Warm-up steps (compile,
+capture) are excluded from the timings; CUDA is synchronised around every
+timed region.
 
 Sequential member-steps/s do not depend on P (members run one at a time), so
 for large P the sequential loop is timed on the first ``--seq-cap`` members
@@ -53,6 +62,36 @@ def sequential(models, opts, rows, idx):
             opt.step()
 
 
+def stacked(models, names) -> dict:
+    return {k: torch.stack([m.get_parameter(k).detach() for m in models]) for k in names}
+
+
+def member_diffs(pop, reference: dict, n: int) -> torch.Tensor:
+    """Largest |parameter difference| of each of the first n members: [n]."""
+    return torch.stack([(pop.params[k][:n] - reference[k]).abs().flatten(1).amax(1) for k in pop.params]).amax(0)
+
+
+def sequential_models(cfg, seeds, tcfg, device, dtype):
+    models = [MicroGPT(cfg, generator=torch.Generator().manual_seed(s)).to(device, dtype) for s in seeds]
+    opts = [torch.optim.Adam(m.parameters(), lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), eps=tcfg.eps)
+            for m in models]
+    return models, opts
+
+
+def population(cfg, seeds, device, dtype):
+    pop = Population.from_seeds(cfg, seeds, device)
+    return Population(cfg, {k: v.to(dtype) for k, v in pop.params.items()})
+
+
+def float64_check(kind, cfg, seeds, tcfg, rows, idx, device) -> float:
+    """Max |param difference| between the engine and the sequential loop, both in float64."""
+    models, opts = sequential_models(cfg, seeds, tcfg, device, torch.float64)
+    sequential(models, opts, rows, idx)
+    pop = population(cfg, seeds, device, torch.float64)
+    Engine(kind).run(pop, rows, idx, tcfg)
+    return float(member_diffs(pop, stacked(models, pop.params), len(seeds)).max())
+
+
 def bench_size(P, args, engines, rows, device, cfg, tcfg):
     seeds = default_seeds(P)
     g = torch.Generator(device).manual_seed(P)
@@ -60,30 +99,33 @@ def bench_size(P, args, engines, rows, device, cfg, tcfg):
     warm, timed_idx = idx[: args.warmup], idx[args.warmup:]
 
     n_seq = min(P, args.seq_cap)
-    models = [MicroGPT(cfg, generator=torch.Generator().manual_seed(s)).to(device) for s in seeds[:n_seq]]
-    opts = [torch.optim.Adam(m.parameters(), lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), eps=tcfg.eps)
-            for m in models]
+    models, opts = sequential_models(cfg, seeds[:n_seq], tcfg, device, torch.float32)
     sequential(models, opts, rows, warm)
     seq_s = timed(lambda: sequential(models, opts, rows, timed_idx), device)
     seq_rate = n_seq * args.steps / seq_s
+    seq_params = stacked(models, cfg.param_shapes())
 
     out = []
     for kind in engines:
-        pop = Population.from_seeds(cfg, seeds, device)
+        pop = population(cfg, seeds, device, torch.float32)
         engine = Engine(kind)
         warm_s = timed(lambda: engine.run(pop, rows, warm, tcfg), device)
         run_s = timed(lambda: engine.run(pop, rows, timed_idx, tcfg), device)
-        diff = max(float((pop.params[name][:n_seq] - torch.stack([m.get_parameter(name).detach() for m in models])
-                          ).abs().max()) for name in pop.params)
+        agree = float((member_diffs(pop, seq_params, n_seq) <= 1e-5).float().mean())
+        n_check = min(P, args.check_members)
+        check = float64_check(kind, cfg, seeds[:n_check], tcfg, rows, idx[:, :n_check], device)
         rate = P * args.steps / run_s
         out.append({"P": P, "engine": kind, "batched_member_steps_per_s": rate,
                     "sequential_member_steps_per_s": seq_rate, "sequential_members_timed": n_seq,
                     "speedup": rate / seq_rate, "batched_ms_per_step": 1000 * run_s / args.steps,
-                    "warmup_s": warm_s, "max_abs_param_diff": diff, "equal": diff <= args.tolerance})
+                    "warmup_s": warm_s, "float32_members_agreeing": agree,
+                    "float64_max_diff": check, "float64_members_checked": n_check,
+                    "equal": check <= args.tolerance})
         r = out[-1]
         print(f"P={P:>6} {kind:>7}: batched {rate:12,.0f} member-steps/s | sequential {seq_rate:9,.0f} "
-              f"({n_seq} members) | speedup {r['speedup']:8.1f}x | max |dparam| {diff:.1e} "
-              f"{'ok' if r['equal'] else 'MISMATCH'}", flush=True)
+              f"({n_seq} members) | speedup {r['speedup']:6.1f}x | float32: {100 * agree:.0f}% of members "
+              f"within 1e-5 | float64 max |dparam| {check:.1e} {'ok' if r['equal'] else 'MISMATCH'}",
+              flush=True)
         del pop, engine
     return out
 
@@ -99,8 +141,10 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seq-cap", type=int, default=200,
                         help="time the sequential loop on at most this many members (default: 200)")
-    parser.add_argument("--tolerance", type=float, default=1e-4,
-                        help="max |param difference| counted as equal (default: 1e-4)")
+    parser.add_argument("--check-members", type=int, default=8,
+                        help="members compared in float64 (default: 8)")
+    parser.add_argument("--tolerance", type=float, default=1e-9,
+                        help="max float64 |param difference| counted as equal (default: 1e-9)")
     args = parser.parse_args(argv)
     device = setup(args)
     on_gpu = device.type == "cuda"
@@ -109,8 +153,8 @@ def main(argv=None) -> int:
     bad = [e for e in engines if e not in ENGINES]
     if bad:
         raise SystemExit(f"--engines: unknown engine {bad[0]!r}; choose from {', '.join(ENGINES)}")
-    if args.steps < 1 or args.warmup < 1 or args.seq_cap < 1:
-        raise SystemExit("--steps, --warmup and --seq-cap must be >= 1")
+    if min(args.steps, args.warmup, args.seq_cap, args.check_members) < 1:
+        raise SystemExit("--steps, --warmup, --seq-cap and --check-members must be >= 1")
 
     env = environment(device)
     cfg = ModelConfig(block_size=21)
@@ -129,7 +173,8 @@ def main(argv=None) -> int:
     ok = [r for r in results if "equal" in r]
     table = (f"Batched vs sequential training, {describe(env)}\n\n"
              + markdown_table(ok, ["P", "engine", "batched_member_steps_per_s", "sequential_member_steps_per_s",
-                                   "speedup", "batched_ms_per_step", "max_abs_param_diff", "equal"]))
+                                   "speedup", "batched_ms_per_step", "float32_members_agreeing", "float64_max_diff",
+                                   "equal"]))
     print(table)
     write_results(args.out, "bench_vmap_vs_sequential",
                   {"environment": env, "args": vars(args), "model": vars(cfg), "train": vars(tcfg),

@@ -1,9 +1,12 @@
 """popgpt: a laboratory for populations of tiny GPTs, trained together with torch.func."""
 
-from .data import DataError, decode, encode, load_names
-from .model import MicroGPT, ModelConfig
-from .population import AdamState, Population, default_seeds
-from .train import TrainConfig, train
-from .virus import ImmunityResult, Virus
-
 __version__ = "0.1.0"
+
+from .data import DataError, decode, encode, load_names  # noqa: E402
+from .engine import Engine  # noqa: E402
+from .evolution import EvolutionConfig  # noqa: E402
+from .experiment import DataConfig, RunConfig, VirusConfig, evolve  # noqa: E402
+from .model import MicroGPT, ModelConfig  # noqa: E402
+from .population import AdamState, Population, default_seeds  # noqa: E402
+from .train import TrainConfig, train  # noqa: E402
+from .virus import ImmunityResult, Virus  # noqa: E402

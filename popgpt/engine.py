@@ -28,17 +28,32 @@ from .train import TrainConfig, adam_step, losses_of, train_step
 ENGINES = ("eager", "compile", "graph")
 
 
+# Members trained together per block on a CPU: a (P, B, T, 4C) activation
+# must stay in cache. P=200 on a 2-core CPU, 2 threads: 284 member-steps/s in
+# one block, 609 in blocks of 25; 1 thread: 197 vs 295 (blocks of 25).
+CPU_MEMBER_BLOCK = 24
+
+
 def default_engine(device: torch.device) -> str:
     return "graph" if torch.device(device).type == "cuda" else "eager"
 
 
 class Engine:
-    """Runs training rounds; keeps compiled functions and captured graphs between rounds."""
+    """Runs training rounds; keeps compiled functions and captured graphs between rounds.
 
-    def __init__(self, kind: str = "eager"):
+    ``member_block``: eager and compile engines train the population in
+    contiguous blocks of this many members (members are independent, so the
+    result is the same); ``"auto"``: ``CPU_MEMBER_BLOCK`` on a CPU, the whole
+    population at once on a GPU; ``None``: always all at once.
+    """
+
+    def __init__(self, kind: str = "eager", member_block: int | str | None = "auto"):
         if kind not in ENGINES:
             raise ValueError(f"unknown engine {kind!r}; choose one of {', '.join(ENGINES)}")
+        if not (member_block in ("auto", None) or (isinstance(member_block, int) and member_block >= 1)):
+            raise ValueError(f"member_block must be 'auto', None or an int >= 1, got {member_block!r}")
         self.kind = kind
+        self.member_block = member_block
         self._graphs: dict = {}
         if kind == "compile":
             self._losses = torch.compile(losses_of, dynamic=False)
@@ -52,22 +67,24 @@ class Engine:
         if self.kind == "graph":
             self._graph_round(pop, rows, idx, cfg, history)
             return history
-        for s in range(idx.shape[0]):
-            x, y = inputs_targets(rows[idx[s]])  # (P, B, T) each
-            step = train_step(pop, x, y, cfg) if self.kind == "eager" else self._compiled_step(pop, x, y, cfg)
-            history[s] = step
+        block = self.member_block
+        if block == "auto":
+            block = CPU_MEMBER_BLOCK if pop.device.type == "cpu" else None
+        block = block or len(pop)
+        step = train_step if self.kind == "eager" else self._compiled_step
+        for a in range(0, len(pop), block):  # block-major: a block's tensors stay in cache
+            b = min(a + block, len(pop))
+            part = pop.view(a, b) if (a, b) != (0, len(pop)) else pop
+            for s in range(idx.shape[0]):
+                x, y = inputs_targets(rows[idx[s, a:b]])  # (P_block, B, T) each
+                history[s, a:b] = step(part, x, y, cfg)
         return history
 
     def _compiled_step(self, pop, x, y, cfg):
         names = list(pop.params)
-        for p in pop.params.values():
-            p.requires_grad_(True)
-        try:
-            losses = self._losses(pop.base, pop.params, x, y)
-            grads = torch.autograd.grad(losses.sum(), [pop.params[k] for k in names])
-        finally:
-            for p in pop.params.values():
-                p.requires_grad_(False)
+        leaves = {k: v.detach().requires_grad_(True) for k, v in pop.params.items()}  # same storage
+        losses = self._losses(pop.base, leaves, x, y)
+        grads = torch.autograd.grad(losses.sum(), [leaves[k] for k in names])
         self._adam(pop.params, dict(zip(names, grads)), pop.opt, cfg)
         return losses.detach()
 

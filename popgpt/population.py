@@ -41,7 +41,7 @@ class AdamState:
         p0 = next(iter(params.values()))
         return cls(exp_avg={k: torch.zeros_like(v) for k, v in params.items()},
                    exp_avg_sq={k: torch.zeros_like(v) for k, v in params.items()},
-                   step=torch.zeros(p0.shape[0], device=p0.device))
+                   step=torch.zeros(p0.shape[0], dtype=p0.dtype, device=p0.device))
 
     def index(self, index) -> "AdamState":
         return AdamState(_index(self.exp_avg, index), _index(self.exp_avg_sq, index), self.step[index])
@@ -112,6 +112,13 @@ class Population:
                         {k: torch.cat([p.opt.exp_avg_sq[k] for p in pops]) for k in first.params},
                         torch.cat([p.opt.step for p in pops]))
         return cls(first.config, params, opt)
+
+    def view(self, start: int, stop: int) -> "Population":
+        """Members start..stop-1 sharing storage with this population (updates show through)."""
+        return Population(self.config, {k: v[start:stop] for k, v in self.params.items()},
+                          AdamState({k: v[start:stop] for k, v in self.opt.exp_avg.items()},
+                                    {k: v[start:stop] for k, v in self.opt.exp_avg_sq.items()},
+                                    self.opt.step[start:stop]))
 
     def clone(self) -> "Population":
         return self[torch.arange(len(self), device=self.device)]

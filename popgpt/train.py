@@ -76,16 +76,15 @@ def adam_step(params: dict, grads: dict, opt: AdamState, cfg: TrainConfig) -> No
 
 
 def train_step(pop: Population, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
-    """Forward, one backward over the summed member losses, Adam; returns the losses [P]."""
+    """Forward, one backward over the summed member losses, Adam; returns the losses [P].
+
+    ``pop`` may be a view of a larger population (``Population.view``): the
+    update is written in place, into the shared storage.
+    """
     names = list(pop.params)
-    for p in pop.params.values():
-        p.requires_grad_(True)
-    try:
-        losses = member_losses(pop, x, y)
-        grads = torch.autograd.grad(losses.sum(), [pop.params[k] for k in names])
-    finally:
-        for p in pop.params.values():
-            p.requires_grad_(False)
+    leaves = {k: v.detach().requires_grad_(True) for k, v in pop.params.items()}  # same storage
+    losses = losses_of(pop.base, leaves, x, y)
+    grads = torch.autograd.grad(losses.sum(), [leaves[k] for k in names])
     adam_step(pop.params, dict(zip(names, grads)), pop.opt, cfg)
     return losses.detach()
 

@@ -84,3 +84,15 @@ def test_captured_cuda_graph_matches_eager_on_gpu(rows):
     graph, h_graph = run("graph")
     assert_same(eager, graph, exact=False)
     torch.testing.assert_close(h_eager, h_graph)
+
+
+def test_member_blocks_give_the_same_training(rows):
+    """Training in blocks of members (the CPU default) equals training all at once."""
+    whole, h_whole = trained("eager", rows, seeds=range(7), engine=Engine("eager", member_block=None))
+    blocks, h_blocks = trained("eager", rows, seeds=range(7), engine=Engine("eager", member_block=3))
+    for name in whole.params:
+        torch.testing.assert_close(whole.params[name], blocks.params[name], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(h_whole, h_blocks, rtol=1e-6, atol=1e-7)
+    assert torch.equal(whole.opt.step, blocks.opt.step)
+    with pytest.raises(ValueError, match="member_block"):
+        Engine("eager", member_block=0)

@@ -162,3 +162,16 @@ def test_state_dict_roundtrip(tmp_path):
     back = Population.from_state_dict(torch.load(tmp_path / "pop.pt", weights_only=True))
     assert back.config == pop.config
     assert all(torch.equal(back.params[k], pop.params[k]) for k in pop.params)
+
+
+def test_view_shares_storage_and_trains_in_place():
+    config = ModelConfig()
+    pop = Population.from_seeds(config, SEEDS)
+    before = {k: v.clone() for k, v in pop.params.items()}
+    part = pop.view(1, 3)
+    x, y = batches(config, 2, 1)[0]
+    train_step(part, x, y, TrainConfig())
+    for name in pop.params:
+        assert torch.equal(pop.params[name][[0, 3]], before[name][[0, 3]])
+        assert not torch.equal(pop.params[name][1:3], before[name][1:3])
+    assert pop.opt.step.tolist() == [0.0, 1.0, 1.0, 0.0]

@@ -1,0 +1,34 @@
+"""The benchmark scripts run end to end at tiny sizes (smoke tests: no timing assertions)."""
+
+import json
+import os
+import sys
+
+from conftest import ROOT
+
+sys.path.insert(0, ROOT)
+
+from benchmarks import bench_experiment, bench_vmap_vs_sequential  # noqa: E402
+
+
+def test_bench_vmap_vs_sequential_smoke(tmp_path, capsys):
+    code = bench_vmap_vs_sequential.main(["--device", "cpu", "--sizes", "1,3", "--steps", "2", "--warmup", "1",
+                                          "--engines", "eager,graph", "--batch-size", "4",
+                                          "--out", str(tmp_path)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "threads" in out and "torch" in out
+    data = json.loads((tmp_path / "bench_vmap_vs_sequential.json").read_text())
+    assert [(r["P"], r["engine"]) for r in data["results"]] == [(1, "eager"), (1, "graph"), (3, "eager"), (3, "graph")]
+    assert all(r["equal"] and r["float64_max_diff"] < 1e-9 for r in data["results"])
+    assert os.path.isfile(tmp_path / "bench_vmap_vs_sequential.md")
+
+
+def test_bench_experiment_smoke(tmp_path, capsys):
+    code = bench_experiment.main(["--device", "cpu", "--pop-size", "6", "--generations", "1", "--steps", "3",
+                                  "--finetune-steps", "2", "--out", str(tmp_path)])
+    assert code == 0
+    data = json.loads((tmp_path / "bench_experiment.json").read_text())
+    assert set(data["runs"]) == {"cold", "warm"}
+    assert {"training_s", "evaluation_s", "evolution_ops_s", "io_s"} <= set(data["runs"]["warm"])
+    assert "start-up" in capsys.readouterr().out
