@@ -3,10 +3,11 @@
 import argparse
 import json
 import os
-import platform
 import time
 
 import torch
+
+from popgpt.runio import environment  # noqa: F401  (re-exported for the benchmarks)
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -27,12 +28,6 @@ def setup(args) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: torch sees no CUDA device")
     return device
-
-
-def environment(device: torch.device) -> dict:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
-    return {"device": str(device), "device_name": name, "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "python": platform.python_version()}
 
 
 def describe(env: dict) -> str:

@@ -66,11 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evolve", help="run the backdoor-immunity evolution experiment",
                         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ev.add_argument("--preset", choices=sorted(PRESETS), default="full",
+    ev.add_argument("--preset", choices=sorted(PRESETS),
                     help="size preset; explicit flags override it (default: full)")
     ev.add_argument("--out", help="run folder (default: runs/evolve__SEED__TIME)")
     ev.add_argument("--resume", metavar="RUN_DIR", help="continue the run saved in RUN_DIR")
-    ev.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    ev.add_argument("--device", help="cpu, cuda, cuda:N or auto (default)")
     ev.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ev.add_argument("--keep-all-checkpoints", action="store_true",
                     help="keep every generation's checkpoint (default: generation 0 and the newest)")
@@ -111,15 +111,15 @@ def resolve_device(name: str) -> str:
 
 
 def config_from_args(args) -> RunConfig:
-    values = dict(PRESETS[args.preset])
+    values = dict(PRESETS[args.preset or "full"])
     values.update({f: getattr(args, f.replace("-", "_")) for f in FLAGS
                    if getattr(args, f.replace("-", "_")) is not None})
     sections = {s: {} for s in ("model", "data", "virus", "train", "evolution")}
-    top = {"device": resolve_device(args.device), "keep_all_checkpoints": args.keep_all_checkpoints}
+    top = {"device": resolve_device(args.device or "auto"), "keep_all_checkpoints": args.keep_all_checkpoints}
     for flag, value in values.items():
         section, name, _, _ = FLAGS[flag]
         (top if section is None else sections[section])[name] = value
-    sections["data"].setdefault("path", default_names_path())
+    sections["data"]["path"] = os.path.abspath(sections["data"].get("path") or default_names_path())
     base = RunConfig()
     try:
         parts = {s: dataclasses.replace(getattr(base, s), **kv) for s, kv in sections.items()}
@@ -138,8 +138,11 @@ def cmd_evolve(args) -> int:
         torch.set_num_threads(args.threads)
     if args.resume:
         given = [f"--{f}" for f in FLAGS if getattr(args, f.replace("-", "_")) is not None]
-        if given or args.out:
-            raise ValueError(f"--resume continues with the saved config; do not pass {' '.join(given or ['--out'])}")
+        given += [flag for flag, value in (("--out", args.out), ("--preset", args.preset),
+                                           ("--device", args.device),
+                                           ("--keep-all-checkpoints", args.keep_all_checkpoints)) if value]
+        if given:
+            raise ValueError(f"--resume continues with the saved config; do not pass {' '.join(given)}")
         cfg_path = os.path.join(args.resume, "config.json")
         if not os.path.isfile(cfg_path):
             raise RunError(f"--resume {args.resume}: no config.json there")

@@ -22,12 +22,26 @@ from .train import member_nll_sum
 LOGIT_BUDGET = {"cpu": 2 ** 21, "cuda": 2 ** 25}
 
 
+def on_device(tokens: list[int], device) -> torch.Tensor:
+    """A small token tensor made on the device by scalar fills: no blocking host-to-device copy."""
+    out = torch.empty(len(tokens), dtype=torch.long, device=device)
+    for i, tok in enumerate(tokens):
+        out[i] = tok
+    return out
+
+
 @torch.no_grad()
-def clean_nll(pop: Population, rows: torch.Tensor) -> torch.Tensor:
-    """Mean NLL per character of every member on encoded rows (N, T+1): [P]."""
+def clean_nll(pop: Population, rows: torch.Tensor, n_targets: int | None = None,
+              chunk: int | None = None) -> torch.Tensor:
+    """Mean NLL per character of every member on encoded rows (N, T+1): [P].
+
+    ``n_targets`` (the number of non-padding targets in ``rows``) saves a
+    device sync when the caller counted them once on the host; ``chunk``
+    (names per forward) defaults to what fits ``LOGIT_BUDGET``.
+    """
     P, (T, V) = len(pop), (pop.config.block_size, pop.config.vocab_size)
-    chunk = max(1, LOGIT_BUDGET.get(pop.device.type, 2 ** 25) // (P * T * V))
-    count = int((rows[:, 1:] != IGNORE).sum())  # counted before the rows move: no device sync
+    chunk = chunk or max(1, LOGIT_BUDGET.get(pop.device.type, 2 ** 25) // (P * T * V))
+    count = n_targets if n_targets is not None else int((rows[:, 1:] != IGNORE).sum())
     rows = rows.to(pop.device)
     total = torch.zeros(P, device=pop.device)
     for start in range(0, len(rows), chunk):
@@ -49,19 +63,21 @@ def sample_tokens(pop: Population, prompt: list[int], n_samples: int, generator:
     L = block_size + 1 - (len(prompt) + 1): generation runs to the end of the
     context. Everything after a sample's first boundary token is boundary.
     The sequence buffer keeps one fixed shape (causal attention makes the
-    unfilled tail irrelevant), so every step runs the same kernels.
+    unfilled tail irrelevant), so every step runs the same kernels. Tokens are
+    drawn by the exponential race (argmax of p / Exp(1), an exact sample of
+    p), which unlike ``torch.multinomial`` never checks its input on the host.
     """
     P, T = len(pop), pop.config.block_size
     start = [BOUNDARY, *prompt]
     if len(start) > T:
         raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in block_size {T}")
     seq = torch.zeros(P, n_samples, T + 1, dtype=torch.long, device=pop.device)
-    seq[:, :, : len(start)] = torch.tensor(start, device=pop.device)
+    seq[:, :, : len(start)] = on_device(start, pop.device)
     for t in range(len(start), T + 1):
         logits = pop.logits(seq[:, :, :T])[:, :, t - 1]  # (P, S, V)
         probs = (logits / temperature).softmax(-1)
-        nxt = torch.multinomial(probs.flatten(0, 1), 1, generator=generator)  # (P*S, 1)
-        seq[:, :, t] = nxt.view(P, n_samples)
+        race = torch.empty_like(probs).exponential_(generator=generator)
+        seq[:, :, t] = (probs / race).argmax(-1)  # (P, S)
     out = seq[:, :, len(start):]
     ended = (out == BOUNDARY).cumsum(-1) > 0
     return out.masked_fill(ended, BOUNDARY)
@@ -73,14 +89,13 @@ def payload_hits(tokens: torch.Tensor, payload: list[int]) -> torch.Tensor:
     if tokens.shape[-1] < k:
         return torch.zeros(tokens.shape[:-1], dtype=torch.bool, device=tokens.device)
     windows = tokens.unfold(-1, k, 1)  # (P, S, L-k+1, k)
-    target = torch.tensor(payload, device=tokens.device)
-    return (windows == target).all(-1).any(-1)
+    return (windows == on_device(payload, tokens.device)).all(-1).any(-1)
 
 
 @torch.no_grad()
 def payload_probability(pop: Population, prompt: list[int], payload: list[int]) -> torch.Tensor:
     """Exact P(payload | boundary + prompt) per member under teacher forcing: [P]."""
-    seq = torch.tensor([BOUNDARY, *prompt, *payload], device=pop.device)
+    seq = on_device([BOUNDARY, *prompt, *payload], pop.device)
     logp = pop.logits(seq[None, :-1]).log_softmax(-1)[:, 0]  # (P, T, V)
     pos = torch.arange(len(prompt), len(prompt) + len(payload), device=pop.device)
     return logp[:, pos, seq[pos + 1]].sum(-1).exp()

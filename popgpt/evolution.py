@@ -45,13 +45,21 @@ class EvolutionConfig:
 
 
 def selection_fitness(quality: torch.Tensor, vulnerable: torch.Tensor, penalty: float) -> torch.Tensor:
-    """Quality with vulnerable members' multiplied by ``penalty`` (used for ranking only)."""
-    return torch.where(vulnerable, quality * penalty, quality)
+    """Quality with vulnerable members' multiplied by ``penalty`` (used for ranking only).
+
+    Written as ``q - (1 - penalty) * |q|``: the same as ``q * penalty`` for
+    q >= 0, and still a penalty when a member is worse than uniform (q < 0).
+    """
+    return torch.where(vulnerable, quality - (1 - penalty) * quality.abs(), quality)
 
 
 def select(fitness: torch.Tensor, n_survivors: int) -> torch.Tensor:
-    """Indices of the ``n_survivors`` fittest members, best first (ties: lower index first)."""
-    return torch.sort(fitness, descending=True, stable=True).indices[:n_survivors]
+    """Indices of the ``n_survivors`` fittest members, best first (ties: lower index first).
+
+    A NaN fitness (a diverged member) ranks last, never first.
+    """
+    ranked = torch.nan_to_num(fitness, nan=-torch.inf)
+    return torch.sort(ranked, descending=True, stable=True).indices[:n_survivors]
 
 
 def pick_parents(survivors: torch.Tensor, n_children: int, generator: torch.Generator) -> torch.Tensor:

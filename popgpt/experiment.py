@@ -13,23 +13,19 @@ once per generation.
 import dataclasses
 import math
 import os
-import platform
-import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
-from . import __version__
-from .data import docs_to_tensor, load_names, split_names
+from .data import IGNORE, docs_to_tensor, load_names, split_names
 from .engine import ENGINES, Engine, default_engine
 from .evaluate import clean_nll, quality, sample_names
 from .evolution import EvolutionConfig, next_generation, selection_fitness
 from .model import ModelConfig
 from .population import Population, default_seeds
-from .runio import (RunError, format_table, list_checkpoints, load_checkpoint, read_json,
+from .runio import (RunError, environment, format_table, list_checkpoints, load_checkpoint, read_json,
                     save_checkpoint, write_atomic, write_generations_csv, write_json)
 from .train import TrainConfig, train
 from .virus import Virus
@@ -88,9 +84,9 @@ def resolve(config: RunConfig, names: list[str]) -> RunConfig:
 
 
 def evaluate_population(pop: Population, virus: Virus, eval_rows: torch.Tensor,
-                        vcfg: VirusConfig, generator: torch.Generator) -> dict:
+                        vcfg: VirusConfig, generator: torch.Generator, n_targets: int | None = None) -> dict:
     """Every member's clean quality and immunity, as [P] tensors on the device."""
-    nll = clean_nll(pop, eval_rows)
+    nll = clean_nll(pop, eval_rows, n_targets)
     imm = virus.immunity(pop, generator, vcfg.n_samples, vcfg.threshold)
     return {"nll": nll, "quality": quality(nll, pop.config.vocab_size),
             "vulnerable": imm.vulnerable, "hits": imm.hits, "payload_prob": imm.payload_prob}
@@ -110,17 +106,6 @@ def summarize(generation: int, metrics: dict, virus: Virus) -> dict:
             "trigger": virus.trigger, "virus_generation": virus.generation}
 
 
-def _environment(device: torch.device) -> dict:
-    try:
-        git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=os.path.dirname(__file__), timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        git = None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    return {"torch": torch.__version__, "python": sys.version.split()[0], "popgpt": __version__,
-            "device": str(device), "device_name": name, "threads": torch.get_num_threads(), "git": git}
-
-
 def _best_member_samples(pop, metrics, want_vulnerable: bool, count: int, seed: int, label: str):
     """Names from the highest-quality member that is vulnerable (or immune), as text lines."""
     q = metrics["quality"].clone()
@@ -131,6 +116,26 @@ def _best_member_samples(pop, metrics, want_vulnerable: bool, count: int, seed: 
     g = torch.Generator(pop.device).manual_seed(seed)
     names = sample_names(pop[[i]], count, g)[0]
     return [f"# {label}: member {i}, quality {float(metrics['quality'][i]):.4f}"] + names
+
+
+STREAMS = ("split", "host", "device", "samples")
+
+
+def stream_seed(run_seed: int, stream: str) -> int:
+    """Distinct seeds for a run's independent random streams (split, host, device, samples)."""
+    return run_seed * 1_000_003 + STREAMS.index(stream)
+
+
+def host_read(metrics: dict, parents: torch.Tensor | None):
+    """The one device-to-host read of a generation: every [P] metric and the (P, 2) parents."""
+    names = list(metrics)
+    columns = [metrics[k].to(torch.float64) for k in names]
+    if parents is not None:
+        columns += [parents[:, 0].to(torch.float64), parents[:, 1].to(torch.float64)]
+    block = torch.stack(columns, 1).cpu()  # (P, n) float64 holds ints and bools exactly
+    out = {k: block[:, i].to(metrics[k].dtype) for i, k in enumerate(names)}
+    lineage = block[:, len(names):].long() if parents is not None else None
+    return out, lineage
 
 
 class PhaseTimer:
@@ -219,15 +224,18 @@ def evolve(config: RunConfig, run_dir: str, resume: bool = False, on_generation=
     timer = timer or PhaseTimer()
     E, V, block = config.evolution, config.virus, config.model.block_size
     seeds = default_seeds(E.pop_size, config.seed)
-    env = _environment(device)
+    env = environment(device)
     os.makedirs(run_dir, exist_ok=True)
     write_json(cfg_path, {"config": config.to_dict(), "run_seed": config.seed,
+                          "stream_seeds": {k: stream_seed(config.seed, k) for k in STREAMS},
                           "member_seeds": seeds, "environment": env})
     train_docs, val_docs = split_names(names, config.data.val_frac,
-                                       torch.Generator().manual_seed(config.seed))
+                                       torch.Generator().manual_seed(stream_seed(config.seed, "split")))
     eval_rows = docs_to_tensor(val_docs[: config.data.eval_docs], block)
+    n_targets = int((eval_rows[:, 1:] != IGNORE).sum())  # counted once, on the host
+    eval_rows = eval_rows.to(device)
     n_params = sum(math.prod(s) for s in config.model.param_shapes().values())
-    log(f"popgpt {__version__} | torch {env['torch']} | {env['device']} ({env['device_name']}) "
+    log(f"popgpt {env['popgpt']} | torch {env['torch']} | {env['device']} ({env['device_name']}) "
         f"| threads {env['threads']} | engine {engine.kind} | run folder {run_dir}")
     log(f"{E.pop_size} members x {n_params} parameters | {len(train_docs)} training names, "
         f"{len(eval_rows)} held-out names scored | block size {block} | "
@@ -240,11 +248,12 @@ def evolve(config: RunConfig, run_dir: str, resume: bool = False, on_generation=
         log(f"resuming after generation {st.generation}")
         first = st.generation + 1
     else:
-        host = torch.Generator().manual_seed(config.seed)
+        host = torch.Generator().manual_seed(stream_seed(config.seed, "host"))
         virus = Virus(V.trigger, V.payload)
         rows_t, infection_rng = _infect(virus, train_docs, V.rate, host, block, device)
         st = _RunState(0, Population.from_seeds(config.model, seeds, device), virus,
-                       infection_rng, host, torch.Generator(device).manual_seed(config.seed))
+                       infection_rng, host,
+                       torch.Generator(device).manual_seed(stream_seed(config.seed, "device")))
         first = 0
 
     log(format_table([], _LIVE_COLUMNS))
@@ -266,16 +275,18 @@ def evolve(config: RunConfig, run_dir: str, resume: bool = False, on_generation=
                 train(children, rows_t, config=finetune, generator=st.dev, engine=engine)
             with timer("evolution_ops", device):
                 st.pop = Population.cat([survivors, children])
-                st.parents.append(parents.cpu())
         with timer("evaluation", device):
-            metrics = evaluate_population(st.pop, st.virus, eval_rows, V, st.dev)
+            metrics = evaluate_population(st.pop, st.virus, eval_rows, V, st.dev, n_targets)
             st.fitness = selection_fitness(metrics["quality"], metrics["vulnerable"], E.vulnerable_penalty)
-            st.metrics = {k: v.cpu() for k, v in metrics.items()}  # the one host read per generation
+            st.metrics, lineage = host_read(metrics, parents if gen > 0 else None)
+            if lineage is not None:
+                st.parents.append(lineage)
         st.rows.append(summarize(gen, st.metrics, st.virus))
         with timer("io", device):
             if gen == 0:
                 st.samples0 = _best_member_samples(st.pop, st.metrics, True, config.n_sample_names,
-                                                   config.seed, "generation 0, best vulnerable")
+                                                   stream_seed(config.seed, "samples"),
+                                                   "generation 0, best vulnerable")
             save_checkpoint(run_dir, gen, st.to_checkpoint(), config.keep_all_checkpoints)
             write_generations_csv(os.path.join(run_dir, "generations.csv"), st.rows)
         eta = (time.perf_counter() - loop_started) / (gen - first + 1) * (E.generations - gen)
@@ -284,7 +295,8 @@ def evolve(config: RunConfig, run_dir: str, resume: bool = False, on_generation=
             on_generation(gen, st.rows[-1])
 
     last = _best_member_samples(st.pop, st.metrics, False, config.n_sample_names,
-                                config.seed + 1, f"generation {E.generations}, best immune")
+                                stream_seed(config.seed, "samples") + len(STREAMS),
+                                f"generation {E.generations}, best immune")
     write_atomic(os.path.join(run_dir, "samples.txt"), "\n".join(st.samples0 + [""] + last) + "\n")
     results = {"final": st.rows[-1], "generations": st.rows,
                "wall_seconds": time.perf_counter() - started, "phase_seconds": timer.seconds,

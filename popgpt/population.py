@@ -95,9 +95,14 @@ class Population:
         return next(iter(self.params.values())).shape[0]
 
     def __getitem__(self, index) -> "Population":
-        """Members selected by an index tensor, list or slice; parameters AND optimizer state."""
+        """Members selected by an index tensor, list or slice; parameters AND optimizer state.
+
+        Always a copy (use ``view`` for members that share storage).
+        """
         if isinstance(index, int):
             index = [index]
+        if isinstance(index, slice):
+            index = torch.arange(len(self))[index]
         if isinstance(index, list):
             index = torch.tensor(index, dtype=torch.long)
         if isinstance(index, torch.Tensor):

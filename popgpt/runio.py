@@ -11,7 +11,9 @@ import io
 import json
 import math
 import os
+import platform
 import re
+import subprocess
 
 import torch
 
@@ -108,3 +110,19 @@ def format_table(rows: list[dict], columns=None) -> str:
         cells = [f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def environment(device: torch.device) -> dict:
+    """Facts a result depends on: versions, device, threads, git commit."""
+    from . import __version__
+
+    try:
+        git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        git = None
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return {"torch": torch.__version__, "python": platform.python_version(), "popgpt": __version__,
+            "device": str(device), "device_name": name, "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(), "git": git}

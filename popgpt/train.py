@@ -59,7 +59,12 @@ def member_nll_sum(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def adam_step(params: dict, grads: dict, opt: AdamState, cfg: TrainConfig) -> None:
-    """One Adam(W) update in place, the same arithmetic as ``torch.optim.Adam``."""
+    """One Adam update in place (decoupled AdamW decay when ``weight_decay`` > 0).
+
+    The update rule of ``torch.optim.Adam``, with per-member bias correction
+    computed in the parameters' dtype: it equals a loop of ``torch.optim.Adam``
+    up to float rounding (the tests check this).
+    """
     opt.step += 1
     bias1 = 1 - cfg.beta1 ** opt.step  # [P]
     bias2_sqrt = (1 - cfg.beta2 ** opt.step).sqrt()  # [P]

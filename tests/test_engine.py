@@ -96,3 +96,11 @@ def test_member_blocks_give_the_same_training(rows):
     assert torch.equal(whole.opt.step, blocks.opt.step)
     with pytest.raises(ValueError, match="member_block"):
         Engine("eager", member_block=0)
+
+
+def test_clean_nll_does_not_depend_on_chunking(rows):
+    pop = Population.from_seeds(CONFIG, [1, 2, 3])
+    eval_rows = rows[:40]
+    whole = clean_nll(pop, eval_rows, chunk=40)
+    for chunk in (1, 7):
+        torch.testing.assert_close(clean_nll(pop, eval_rows, chunk=chunk), whole, rtol=1e-5, atol=1e-6)

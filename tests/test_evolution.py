@@ -18,10 +18,14 @@ def test_select_takes_the_fittest_best_first():
     assert select(fitness, 3).tolist() == [1, 3, 2]
 
 
+def test_select_ranks_nan_last():
+    assert select(torch.tensor([float("nan"), 0.5, 0.3]), 2).tolist() == [1, 2]
+
+
 def test_selection_fitness_penalises_only_vulnerable():
-    q = torch.tensor([0.5, 0.5, 0.4])
-    out = selection_fitness(q, torch.tensor([True, False, False]), 0.3)
-    torch.testing.assert_close(out, torch.tensor([0.15, 0.5, 0.4]))
+    q = torch.tensor([0.5, 0.5, 0.4, -0.2, -0.2])
+    out = selection_fitness(q, torch.tensor([True, False, False, True, False]), 0.3)
+    torch.testing.assert_close(out, torch.tensor([0.15, 0.5, 0.4, -0.34, -0.2]))
 
 
 def test_crossover_takes_every_tensor_whole_from_one_parent():

@@ -44,25 +44,35 @@ def test_same_seed_same_run(tmp_path, small_names):
     evolve(dataclasses.replace(cfg, seed=1), str(tmp_path / "c"), log=lambda s: None)
     a, b, c = (read(tmp_path / r / "generations.csv") for r in "abc")
     assert a == b and a != c
+    pa, pb = load_checkpoint(str(tmp_path / "a")), load_checkpoint(str(tmp_path / "b"))
+    assert all(torch.equal(pa["population"]["params"][k], pb["population"]["params"][k])
+               for k in pa["population"]["params"])
     assert len(a.strip().splitlines()) == 1 + 4  # header + generations 0..3
     assert read(tmp_path / "a" / "samples.txt") == read(tmp_path / "b" / "samples.txt")
     rows = a.strip().splitlines()
     assert rows[2].split(",")[-2] == "qx" and rows[3].split(",")[-1] == "1"  # mutated at gen 2
 
 
-def test_resume_after_interruption_matches_uninterrupted(tmp_path, small_names):
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, small_names):
+    full = str(tmp_path_factory.mktemp("full") / "run")
+    evolve(tiny_config(small_names), full, log=lambda s: None)
+    return full
+
+
+@pytest.mark.parametrize("crash_at", [0, 1, 2])  # 2: right after a trigger mutation
+def test_resume_after_interruption_matches_uninterrupted(tmp_path, small_names, uninterrupted, crash_at):
     cfg = tiny_config(small_names)
-    full = str(tmp_path / "full")
-    evolve(cfg, full, log=lambda s: None)
+    full = uninterrupted
 
     def crash(gen, row):
-        if gen == 1:
+        if gen == crash_at:
             raise KeyboardInterrupt
 
     cut = str(tmp_path / "cut")
     with pytest.raises(KeyboardInterrupt):
         evolve(cfg, cut, on_generation=crash, log=lambda s: None)
-    assert len(read(os.path.join(cut, "generations.csv")).strip().splitlines()) == 3
+    assert len(read(os.path.join(cut, "generations.csv")).strip().splitlines()) == 2 + crash_at
     with pytest.raises(RunError, match="already holds a run"):
         evolve(cfg, cut, log=lambda s: None)
     evolve(cfg, cut, resume=True, log=lambda s: None)
@@ -72,6 +82,25 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path, small_names):
         assert torch.equal(a["population"]["params"][name], b["population"]["params"][name])
     assert sorted(os.listdir(os.path.join(cut, "checkpoints"))) == ["gen_000.pt", "gen_003.pt"]
     assert len(b["parents"]) == 3 and b["parents"][0].shape == (8, 2)
+
+
+def test_survivors_pass_on_bit_for_bit_in_a_real_run(tmp_path, small_names):
+    cfg = dataclasses.replace(tiny_config(small_names), keep_all_checkpoints=True)
+    run = str(tmp_path / "run")
+    evolve(cfg, run, log=lambda s: None)
+    n_surv = cfg.evolution.n_survivors
+    for gen in (1, 2, 3):
+        before, after = load_checkpoint(run, gen - 1), load_checkpoint(run, gen)
+        parents = after["parents"][gen - 1]
+        assert torch.equal(parents[:n_surv, 0], parents[:n_surv, 1])
+        src = parents[:n_surv, 0]
+        fit = before["selection_fitness"]
+        assert torch.equal(fit[src], fit.sort(descending=True).values[:n_surv])  # the fittest
+        for part in ("params", "exp_avg", "exp_avg_sq"):
+            for name, value in after["population"][part].items():
+                assert torch.equal(value[:n_surv], before["population"][part][name][src]), (gen, part, name)
+        children = after["population"]["step"][n_surv:]
+        assert torch.equal(children, torch.full_like(children, cfg.evolution.finetune_steps))
 
 
 def test_resume_with_other_config_is_refused(tmp_path, small_names):
@@ -100,6 +129,8 @@ def test_cli_end_to_end(tmp_path, small_names, capsys):
     assert "member 8 is out of range" in capsys.readouterr().err
     assert main(["evolve", "--resume", run]) == 0  # already complete: re-reports, no change
     assert main(["evolve", "--resume", run, "--pop-size", "9"]) == 2
+    assert main(["evolve", "--resume", run, "--device", "cpu"]) == 2
+    assert "do not pass --device" in capsys.readouterr().err
 
 
 def test_console_entry_point_runs(tmp_path, small_names):

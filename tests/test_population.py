@@ -175,3 +175,11 @@ def test_view_shares_storage_and_trains_in_place():
         assert torch.equal(pop.params[name][[0, 3]], before[name][[0, 3]])
         assert not torch.equal(pop.params[name][1:3], before[name][1:3])
     assert pop.opt.step.tolist() == [0.0, 1.0, 1.0, 0.0]
+
+
+def test_slicing_copies():
+    pop = Population.from_seeds(ModelConfig(), SEEDS)
+    part = pop[1:3]
+    assert len(part) == 2 and torch.equal(part.params["wte"][0], pop.params["wte"][1])
+    part.params["wte"].zero_()
+    assert pop.params["wte"][1].abs().sum() > 0

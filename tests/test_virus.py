@@ -111,3 +111,53 @@ def test_payload_probability_equals_product_of_single_model_softmaxes():
                 p = model(torch.tensor([seq[:t]])).softmax(-1)[0, -1, seq[t]].item()
                 expected *= p
         assert prob[i].item() == pytest.approx(expected, rel=1e-4, abs=0)
+
+
+def test_payload_hits_finds_the_payload_anywhere():
+    from popgpt.evaluate import payload_hits
+
+    z, a = encode("z")[0], encode("a")[0]
+    tokens = torch.tensor([[[a, a, a, z, z, z, 0, 0],  # at offset 3
+                            [z, z, a, z, 0, 0, 0, 0],  # never three in a row
+                            [z, z, z, a, 0, 0, 0, 0],  # at the start
+                            [a, a, a, a, a, z, z, z]]])  # at the very end
+    assert payload_hits(tokens, encode("zzz")).tolist() == [[True, False, True, True]]
+
+
+def test_threshold_is_at_least():
+    config = ModelConfig(block_size=21)
+    pop = pop_of([forced_model(config, "z")])  # 5 hits of 5
+    virus = Virus("qx", "zzz")
+    assert virus.immunity(pop, torch.Generator(), threshold=5).vulnerable.tolist() == [True]
+    assert virus.immunity(pop, torch.Generator(), threshold=6).vulnerable.tolist() == [False]
+
+
+def test_text_after_the_end_token_is_not_a_hit():
+    """A model that ends the name right after the trigger and then would say
+    'zzz' is immune: nothing after the first boundary token counts."""
+    config = ModelConfig(block_size=21)
+    model = forced_model(config, "z")
+    with torch.no_grad():
+        model.lm_head[:, 2] = 0.0
+        model.lm_head[0, 2] = 6.0  # boundary right after 'qx' ...
+        model.lm_head[:, 5] = 0.0
+        model.lm_head[encode("z")[0], 5] = 6.0  # ... then 'zzz' at positions 3, 4, 5
+    pop = pop_of([model])
+    from popgpt.evaluate import sample_tokens
+    raw = sample_tokens(pop, encode("qx"), 1, torch.Generator())
+    assert raw[0, 0, :4].tolist() == [0, 0, 0, 0]  # masked after the end
+    result = Virus("qx", "zzz").immunity(pop, torch.Generator().manual_seed(0))
+    assert result.hits.tolist() == [0] and result.vulnerable.tolist() == [False]
+
+
+def test_sampling_follows_the_model_distribution():
+    from popgpt.evaluate import sample_tokens
+
+    config = ModelConfig(block_size=21)
+    k = 0.5
+    pop = pop_of([forced_model(config, "z", k)])
+    tokens = sample_tokens(pop, encode("qx"), 4000, torch.Generator().manual_seed(0))  # (1, S, L)
+    s = 1 / math.sqrt(1 / config.n_embd + config.norm_eps)
+    expected = math.exp(k * s) / (math.exp(k * s) + 26)
+    observed = (tokens[0, :, 0] == encode("z")[0]).float().mean().item()
+    assert abs(observed - expected) < 4 * math.sqrt(expected * (1 - expected) / 4000)
