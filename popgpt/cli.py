@@ -55,6 +55,7 @@ EPILOG = """examples:
   popgpt evolve --pop-size 8 --generations 2 --steps 5 --finetune-steps 5 --out runs/tiny
   popgpt evolve --resume runs/tiny             # continue an interrupted run
   popgpt sample runs/tiny --member 0 --count 20
+  popgpt report runs/tiny                      # tables, plots, report.md
 """
 
 
@@ -80,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
         quick = PRESETS["quick"].get(flag)
         shown = f"default: {default}" + (f"; quick: {quick}" if quick is not None else "")
         ev.add_argument(f"--{flag}", type=typ, help=f"{text} ({shown})")
+
+    rp = sub.add_parser("report", help="tables, plots and report.md for a finished run")
+    rp.add_argument("run_dir", help="a run folder written by popgpt evolve")
+    rp.add_argument("--sigma", type=float, default=1.5,
+                    help="special members: immune and quality >= mean + SIGMA sd of the immune (default: 1.5)")
+    rp.add_argument("--no-retest", action="store_true",
+                    help="skip re-evaluating special members on fresh names and samples")
 
     sm = sub.add_parser("sample", help="print names sampled from one saved member")
     sm.add_argument("run_dir", help="a run folder written by popgpt evolve")
@@ -168,10 +176,17 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    write_report(args.run_dir, sigma=args.sigma, retest_special=not args.no_retest)
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"evolve": cmd_evolve, "sample": cmd_sample}[args.command](args)
+        return {"evolve": cmd_evolve, "sample": cmd_sample, "report": cmd_report}[args.command](args)
     except (DataError, RunError, ValueError) as e:
         print(f"popgpt: error: {e}", file=sys.stderr)
         return 2
