@@ -15,7 +15,9 @@ from .runio import RunError, read_json
 
 # flag -> (config section or None for top level, field, type, help)
 FLAGS = {
-    "pop-size": ("evolution", "pop_size", int, "members P"),
+    "pop-size": ("evolution", "pop_size", int, "members P (per replicate)"),
+    "replicates": ("evolution", "replicates", int, "independent populations evolved together, "
+                   "selection within each; tables report means with 95%% intervals"),
     "generations": ("evolution", "generations", int, "evolution steps after generation 0"),
     "survivor-frac": ("evolution", "survivor_frac", float, "fraction kept unchanged each generation"),
     "crossover-p": ("evolution", "crossover_p", float, "probability a tensor comes from the first parent"),

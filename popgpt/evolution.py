@@ -16,7 +16,8 @@ from .population import AdamState, Population
 class EvolutionConfig:
     """The evolutionary loop (DESIGN.md's definitions are the defaults)."""
 
-    pop_size: int = 200  # members P
+    pop_size: int = 200  # members P (per replicate)
+    replicates: int = 1  # independent populations evolved side by side in one batch
     generations: int = 20  # evolution steps after generation 0
     survivor_frac: float = 0.2  # top fraction kept unchanged
     crossover_p: float = 0.5  # probability a tensor comes from the first parent
@@ -28,6 +29,8 @@ class EvolutionConfig:
     def __post_init__(self):
         if self.pop_size < 2:
             raise ValueError(f"pop_size must be >= 2, got {self.pop_size}")
+        if self.replicates < 1:
+            raise ValueError(f"replicates must be >= 1, got {self.replicates}")
         if self.generations < 0:
             raise ValueError(f"generations must be >= 0, got {self.generations}")
         for name in ("survivor_frac", "crossover_p", "mutation_rate"):
@@ -53,19 +56,30 @@ def selection_fitness(quality: torch.Tensor, vulnerable: torch.Tensor, penalty: 
     return torch.where(vulnerable, quality - (1 - penalty) * quality.abs(), quality)
 
 
-def select(fitness: torch.Tensor, n_survivors: int) -> torch.Tensor:
-    """Indices of the ``n_survivors`` fittest members, best first (ties: lower index first).
+def select(fitness: torch.Tensor, n_survivors: int, replicates: int = 1) -> torch.Tensor:
+    """Indices of the ``n_survivors`` fittest members of each replicate, best first.
 
-    A NaN fitness (a diverged member) ranks last, never first.
+    ``fitness`` is [R*P], replicate-major; selection never crosses replicates.
+    Returns [R*S] population indices, replicate by replicate. Ties: lower
+    index first. A NaN fitness (a diverged member) ranks last, never first.
     """
-    ranked = torch.nan_to_num(fitness, nan=-torch.inf)
-    return torch.sort(ranked, descending=True, stable=True).indices[:n_survivors]
+    ranked = torch.nan_to_num(fitness, nan=-torch.inf).view(replicates, -1)  # (R, P)
+    local = torch.sort(ranked, descending=True, stable=True).indices[:, :n_survivors]  # (R, S)
+    offsets = torch.arange(replicates, device=fitness.device)[:, None] * ranked.shape[1]
+    return (local + offsets).flatten()
 
 
-def pick_parents(survivors: torch.Tensor, n_children: int, generator: torch.Generator) -> torch.Tensor:
-    """Random survivor pairs (n_children, 2) as population indices; a pair may repeat a parent."""
-    pick = torch.randint(len(survivors), (n_children, 2), generator=generator, device=generator.device)
-    return survivors[pick.to(survivors.device)]
+def pick_parents(survivors: torch.Tensor, n_children: int, generator: torch.Generator,
+                 replicates: int = 1) -> torch.Tensor:
+    """Random survivor pairs (R*n_children, 2), each pair from its own replicate's survivors.
+
+    ``survivors``: [R*S] population indices as ``select`` returns them. A
+    pair may repeat a parent.
+    """
+    surv = survivors.view(replicates, -1)  # (R, S)
+    pick = torch.randint(surv.shape[1], (replicates, n_children, 2), generator=generator,
+                         device=generator.device).to(survivors.device)
+    return torch.gather(surv[:, :, None].expand(-1, -1, 2), 1, pick).view(-1, 2)
 
 
 def crossover(params: dict, parents: torch.Tensor, p_first: float, generator: torch.Generator):
@@ -95,20 +109,33 @@ def mutate(params: dict, rate: float, std: float, generator: torch.Generator) ->
 
 def next_generation(pop: Population, fitness: torch.Tensor, cfg: EvolutionConfig,
                     generator: torch.Generator):
-    """Select survivors and breed mutated crossover children.
+    """Select survivors and breed mutated crossover children, within each replicate.
 
-    Returns (survivors, children, parents): survivors are bit-for-bit the
-    selected members with their optimizer state, best first; children have
-    fresh optimizer state (fine-tuning them is the caller's job); parents is
-    (P, 2) population indices of the members the next population came from,
-    a survivor's parents being itself twice.
+    Returns (survivors, children, parents): survivors (R*S members) are
+    bit-for-bit the selected members with their optimizer state, best first
+    in each replicate; children (R*C) have fresh optimizer state (fine-tuning
+    them is the caller's job); parents is (R*P, 2), in the order of
+    ``assemble(survivors, children)``: population indices of the members each
+    member of the next generation came from, a survivor's being itself twice.
     """
-    if len(pop) != cfg.pop_size:
-        raise ValueError(f"population has {len(pop)} members, config says pop_size={cfg.pop_size}")
-    survivors = select(fitness, cfg.n_survivors)  # (S,)
-    parents = pick_parents(survivors, cfg.pop_size - cfg.n_survivors, generator)  # (C, 2)
+    R = cfg.replicates
+    if len(pop) != cfg.pop_size * R:
+        raise ValueError(f"population has {len(pop)} members, config says "
+                         f"{R} replicate(s) x pop_size={cfg.pop_size}")
+    survivors = select(fitness, cfg.n_survivors, R)  # (R*S,)
+    parents = pick_parents(survivors, cfg.pop_size - cfg.n_survivors, generator, R)  # (R*C, 2)
     child_params, _ = crossover(pop.params, parents, cfg.crossover_p, generator)
     child_params = mutate(child_params, cfg.mutation_rate, cfg.mutation_std, generator)
     children = Population(pop.config, child_params, AdamState.zeros_like(child_params))
-    all_parents = torch.cat([survivors[:, None].expand(-1, 2), parents])  # (P, 2)
+    self_pairs = survivors[:, None].expand(-1, 2)
+    all_parents = torch.cat([self_pairs.reshape(R, -1, 2), parents.view(R, -1, 2)], 1).view(-1, 2)
     return pop[survivors], children, all_parents
+
+
+def assemble(survivors: Population, children: Population, replicates: int = 1) -> Population:
+    """The next generation, replicate-major: each replicate's survivors, then its children."""
+    S, C = len(survivors) // replicates, len(children) // replicates
+    order = torch.cat([torch.arange(replicates * S).view(replicates, S),
+                       replicates * S + torch.arange(replicates * C).view(replicates, C)], 1).flatten()
+    both = Population.cat([survivors, children])
+    return both if replicates == 1 else both[order]

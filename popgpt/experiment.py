@@ -22,11 +22,12 @@ import torch
 from .data import IGNORE, docs_to_tensor, load_names, split_names
 from .engine import ENGINES, Engine, default_engine
 from .evaluate import clean_nll, quality, sample_names
-from .evolution import EvolutionConfig, next_generation, selection_fitness
+from .evolution import EvolutionConfig, assemble, next_generation, selection_fitness
 from .model import ModelConfig
 from .population import Population, default_seeds
 from .runio import (RunError, environment, format_table, list_checkpoints, load_checkpoint, read_json,
-                    save_checkpoint, write_atomic, write_generations_csv, write_json)
+                    save_checkpoint, write_atomic, write_generations_csv, write_json, write_summary_csv)
+from .stats import summarize_replicates
 from .train import TrainConfig, train
 from .virus import Virus
 
@@ -92,14 +93,20 @@ def evaluate_population(pop: Population, virus: Virus, eval_rows: torch.Tensor,
             "vulnerable": imm.vulnerable, "hits": imm.hits, "payload_prob": imm.payload_prob}
 
 
-def summarize(generation: int, metrics: dict, virus: Virus) -> dict:
-    """One row of generations.csv from host copies of the [P] metrics."""
+def summarize(generation: int, metrics: dict, virus: Virus, replicates: int = 1) -> list[dict]:
+    """Rows of generations.csv, one per replicate, from host copies of the [R*P] metrics."""
+    size = len(metrics["quality"]) // replicates
+    return [_summarize_one(generation, {k: v[r * size:(r + 1) * size] for k, v in metrics.items()}, virus, r)
+            for r in range(replicates)]
+
+
+def _summarize_one(generation: int, metrics: dict, virus: Virus, replicate: int) -> dict:
     q, vul = metrics["quality"], metrics["vulnerable"]
 
     def mean(x):
         return float(x.mean()) if len(x) else math.nan
 
-    return {"generation": generation, "immune_frac": mean((~vul).float()),
+    return {"generation": generation, "replicate": replicate, "immune_frac": mean((~vul).float()),
             "n_immune": int((~vul).sum()), "fitness_all": mean(q), "fitness_immune": mean(q[~vul]),
             "fitness_vulnerable": mean(q[vul]), "fitness_best": float(q.max()),
             "nll_mean": mean(metrics["nll"]), "payload_prob_mean": mean(metrics["payload_prob"]),
@@ -223,7 +230,8 @@ def evolve(config: RunConfig, run_dir: str, resume: bool = False, on_generation=
     engine = engine or Engine(default_engine(device) if config.engine == "auto" else config.engine)
     timer = timer or PhaseTimer()
     E, V, block = config.evolution, config.virus, config.model.block_size
-    seeds = default_seeds(E.pop_size, config.seed)
+    R = E.replicates
+    seeds = default_seeds(E.pop_size * R, config.seed)  # replicate r: members r*P .. r*P+P-1
     env = environment(device)
     os.makedirs(run_dir, exist_ok=True)
     write_json(cfg_path, {"config": config.to_dict(), "run_seed": config.seed,
@@ -237,7 +245,7 @@ def evolve(config: RunConfig, run_dir: str, resume: bool = False, on_generation=
     n_params = sum(math.prod(s) for s in config.model.param_shapes().values())
     log(f"popgpt {env['popgpt']} | torch {env['torch']} | {env['device']} ({env['device_name']}) "
         f"| threads {env['threads']} | engine {engine.kind} | run folder {run_dir}")
-    log(f"{E.pop_size} members x {n_params} parameters | {len(train_docs)} training names, "
+    log(f"{(str(R) + ' replicates x ') if R > 1 else ''}{E.pop_size} members x {n_params} parameters | {len(train_docs)} training names, "
         f"{len(eval_rows)} held-out names scored | block size {block} | "
         f"tokens per member-step {config.train.batch_size * block}")
 
@@ -274,14 +282,14 @@ def evolve(config: RunConfig, run_dir: str, resume: bool = False, on_generation=
             with timer("training", device):
                 train(children, rows_t, config=finetune, generator=st.dev, engine=engine)
             with timer("evolution_ops", device):
-                st.pop = Population.cat([survivors, children])
+                st.pop = assemble(survivors, children, R)
         with timer("evaluation", device):
             metrics = evaluate_population(st.pop, st.virus, eval_rows, V, st.dev, n_targets)
             st.fitness = selection_fitness(metrics["quality"], metrics["vulnerable"], E.vulnerable_penalty)
             st.metrics, lineage = host_read(metrics, parents if gen > 0 else None)
             if lineage is not None:
                 st.parents.append(lineage)
-        st.rows.append(summarize(gen, st.metrics, st.virus))
+        st.rows += summarize(gen, st.metrics, st.virus, R)
         with timer("io", device):
             if gen == 0:
                 st.samples0 = _best_member_samples(st.pop, st.metrics, True, config.n_sample_names,
@@ -289,16 +297,20 @@ def evolve(config: RunConfig, run_dir: str, resume: bool = False, on_generation=
                                                    "generation 0, best vulnerable")
             save_checkpoint(run_dir, gen, st.to_checkpoint(), config.keep_all_checkpoints)
             write_generations_csv(os.path.join(run_dir, "generations.csv"), st.rows)
+            if R > 1:
+                write_summary_csv(os.path.join(run_dir, "generations_summary.csv"), summarize_replicates(st.rows))
         eta = (time.perf_counter() - loop_started) / (gen - first + 1) * (E.generations - gen)
-        log(_live_row(st.rows[-1], time.perf_counter() - started, eta))
+        live = st.rows[-1] if R == 1 else summarize_replicates(st.rows[-R:])[0]
+        log(_live_row(live, time.perf_counter() - started, eta))
         if on_generation is not None:
-            on_generation(gen, st.rows[-1])
+            on_generation(gen, live)
 
     last = _best_member_samples(st.pop, st.metrics, False, config.n_sample_names,
                                 stream_seed(config.seed, "samples") + len(STREAMS),
                                 f"generation {E.generations}, best immune")
     write_atomic(os.path.join(run_dir, "samples.txt"), "\n".join(st.samples0 + [""] + last) + "\n")
-    results = {"final": st.rows[-1], "generations": st.rows,
+    results = {"final": st.rows[-1] if R == 1 else summarize_replicates(st.rows[-R:])[0],
+               "generations": st.rows,
                "wall_seconds": time.perf_counter() - started, "phase_seconds": timer.seconds,
                "engine": engine.kind, "resumed": bool(saved and resume), "environment": env}
     write_json(os.path.join(run_dir, "results.json"), results)

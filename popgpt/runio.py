@@ -19,7 +19,7 @@ import torch
 
 CHECKPOINT_RE = re.compile(r"gen_(\d{3,})\.pt$")
 
-COLUMNS = ["generation", "immune_frac", "n_immune", "fitness_all", "fitness_immune",
+COLUMNS = ["generation", "replicate", "immune_frac", "n_immune", "fitness_all", "fitness_immune",
            "fitness_vulnerable", "fitness_best", "nll_mean", "payload_prob_mean",
            "trigger", "virus_generation"]
 
@@ -58,6 +58,17 @@ def write_generations_csv(path: str, rows: list[dict]) -> None:
     writer.writerow(COLUMNS)
     for row in rows:
         writer.writerow([format_cell(row[c]) for c in COLUMNS])
+    write_atomic(path, buf.getvalue())
+
+
+def write_summary_csv(path: str, rows: list[dict]) -> None:
+    """Replicate means with 95% interval bounds (``col_lo``, ``col_hi``), one row per generation."""
+    columns = list(rows[0])
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([format_cell(row[c]) for c in columns])
     write_atomic(path, buf.getvalue())
 
 
