@@ -9,19 +9,35 @@ import os
 import torch
 
 from .analysis import ancestry, retest, special_members
+from .stats import mean_interval
 from .runio import format_table, list_checkpoints, load_checkpoint, read_json, write_atomic
 
 TABLE_COLUMNS = ["generation", "trigger", "immune_pct", "quality_all", "quality_immune",
                  "quality_vulnerable", "tax", "payload_prob"]
 
 
-def generation_table(rows: list[dict]) -> list[dict]:
-    """The source's columns; ``tax`` = quality of vulnerable minus quality of immune members."""
-    return [{"generation": r["generation"], "trigger": r["trigger"], "immune_pct": 100 * r["immune_frac"],
-             "quality_all": r["fitness_all"], "quality_immune": r["fitness_immune"],
-             "quality_vulnerable": r["fitness_vulnerable"],
-             "tax": r["fitness_vulnerable"] - r["fitness_immune"], "payload_prob": r["payload_prob_mean"]}
+def generation_table(rows: list[dict], replicates: int = 1) -> list[dict]:
+    """The source's columns; ``tax`` = quality of vulnerable minus quality of immune members.
+
+    With replicates, every cell is "mean [95% interval]" across them (the tax
+    interval is over the per-replicate differences).
+    """
+    rows = [dict(r, tax=r["fitness_vulnerable"] - r["fitness_immune"], immune_pct=100 * r["immune_frac"])
             for r in rows]
+    cols = {"immune_pct": "immune_pct", "quality_all": "fitness_all", "quality_immune": "fitness_immune",
+            "quality_vulnerable": "fitness_vulnerable", "tax": "tax", "payload_prob": "payload_prob_mean"}
+    if replicates == 1:
+        return [{"generation": r["generation"], "trigger": r["trigger"], **{k: r[v] for k, v in cols.items()}}
+                for r in rows]
+    out = []
+    for gen in sorted({r["generation"] for r in rows}):
+        group = [r for r in rows if r["generation"] == gen]
+        cells = {}
+        for k, v in cols.items():
+            mean, lo, hi = mean_interval(r[v] for r in group)
+            cells[k] = f"{mean:.3f} [{lo:.3f}, {hi:.3f}]"
+        out.append({"generation": gen, "trigger": group[0]["trigger"], **cells})
+    return out
 
 
 def distribution(q: torch.Tensor) -> dict:
@@ -93,10 +109,13 @@ def write_report(run_dir: str, sigma: float = 1.5, retest_special: bool = True, 
     folder = os.path.join(run_dir, "report")
     os.makedirs(folder, exist_ok=True)
     rows, last_gen = last["rows"], last["generation"]
+    R = cfg["config"]["evolution"].get("replicates", 1)
     q0, q_last = first["metrics"]["quality"], last["metrics"]["quality"]
     immune = ~last["metrics"]["vulnerable"]
-    special = special_members(q_last, immune, sigma)
-    founders = ancestry(last["parents"], len(q0))[-1]  # (P, P0)
+    P = len(q_last) // R
+    special = torch.cat([special_members(q_last[r * P:(r + 1) * P], immune[r * P:(r + 1) * P], sigma)
+                         for r in range(R)])
+    founders = ancestry(last["parents"], len(q0))[-1]  # (R*P, R*P)
 
     c = cfg["config"]
     md = [f"# popgpt run report: `{os.path.basename(os.path.abspath(run_dir))}`", "",
@@ -108,18 +127,24 @@ def write_report(run_dir: str, sigma: float = 1.5, retest_special: bool = True, 
           f"{cfg['environment']['torch']}.", "",
           "## Generations", "", "Quality is `1 - NLL/ln V` on held-out clean names; `tax` is the quality of "
           "vulnerable minus that of immune members.", "",
-          format_table(generation_table(rows), TABLE_COLUMNS), ""]
-    plots = _plots(folder, rows, q0, q_last, last_gen)
+          (f"Each cell: mean [95% t interval] over {R} replicates." if R > 1 else ""), "",
+          format_table(generation_table(rows, R), TABLE_COLUMNS), ""]
+    plots = _plots(folder, [r for r in rows if r.get("replicate", 0) == 0], q0, q_last, last_gen)
+    if R > 1 and plots:
+        md.append("(plots show replicate 0)")
     md += [f"![{p}]({p})" for p in plots] or ["(plots need matplotlib: `pip install popgpt[plot]`)"]
     dist = [{"generation": min(saved), **distribution(q0)}, {"generation": last_gen, **distribution(q_last)}]
     md += ["", "## Quality distribution", "",
            format_table(dist, ["generation", "mean", "sd", "min", "q25", "median", "q75", "max"]), ""]
 
-    q_imm = q_last[immune]
+    q_imm = q_last[:P][immune[:P]]
     md += [f"## Special members (generation {last_gen})", "",
-           f"Immune and quality >= mean + {sigma} sd of the immune members' quality "
-           + (f"({q_imm.mean():.4f} + {sigma} x {q_imm.std():.4f} = {q_imm.mean() + sigma * q_imm.std():.4f}). "
-              if q_imm.numel() >= 2 else "(fewer than two immune members: none). ")
+           f"Immune and quality >= mean + {sigma} sd of the immune members' quality"
+           + (f" of the same replicate. Per replicate: "
+              + ", ".join(str(int(special[r * P:(r + 1) * P].sum())) for r in range(R)) + f" of {P}. "
+              if R > 1 else
+              (f" ({q_imm.mean():.4f} + {sigma} x {q_imm.std():.4f} = {q_imm.mean() + sigma * q_imm.std():.4f}). "
+               if q_imm.numel() >= 2 else " (fewer than two immune members: none). "))
            + f"**{int(special.sum())} of {len(q_last)}** members are special.", ""]
     if special.any():
         idx = special.nonzero().flatten()
@@ -137,8 +162,12 @@ def write_report(run_dir: str, sigma: float = 1.5, retest_special: bool = True, 
         cols = list(table[0])
         md += [format_table(table, cols), ""]
         if fresh is not None:
-            threshold = float(q_imm.mean() + sigma * q_imm.std())
-            kept = sum(r["retest_immune"] and r["retest_quality"] >= threshold for r in table)
+            thresholds = []
+            for r in range(R):
+                q_r = q_last[r * P:(r + 1) * P][immune[r * P:(r + 1) * P]]
+                thresholds.append(float(q_r.mean() + sigma * q_r.std()) if q_r.numel() >= 2 else float("inf"))
+            kept = sum(row["retest_immune"] and row["retest_quality"] >= thresholds[row["member"] // P]
+                       for row in table)
             md += [f"Re-test on {fresh['n_names']} held-out names the run never scored and fresh immunity "
                    f"samples: {kept} of {len(table)} are still immune and above the threshold.", ""]
     counts = founders.sum(0)

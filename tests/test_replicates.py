@@ -80,3 +80,23 @@ def test_replicated_run_tables(tmp_path):
         rep_of_child = torch.arange(18) // 6
         assert torch.equal(parents[:, 0] // 6, rep_of_child) and torch.equal(parents[:, 1] // 6, rep_of_child)
     assert summarize_replicates(results["generations"])[0]["replicates"] == 3
+
+
+def test_report_of_a_replicated_run(tmp_path):
+    from popgpt.report import generation_table, write_report
+
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(load_names(NAMES)[:2000]) + "\n")
+    config = RunConfig(data=DataConfig(path=str(names), eval_docs=60), virus=VirusConfig(mutate_every=0),
+                       train=TrainConfig(steps=4, batch_size=8),
+                       evolution=EvolutionConfig(pop_size=6, replicates=2, generations=1, finetune_steps=3),
+                       n_sample_names=3)
+    run = str(tmp_path / "run")
+    results = evolve(config, run, log=lambda s: None)
+    text = open(write_report(run, retest_special=False)).read()
+    assert "mean [95% t interval] over 2 replicates" in text and "Per replicate:" in text
+    table = generation_table(results["generations"], 2)
+    assert len(table) == 2
+    last = [r for r in results["generations"] if r["generation"] == 1]
+    mean, lo, hi = mean_interval(r["fitness_all"] for r in last)
+    assert table[1]["quality_all"] == f"{mean:.3f} [{lo:.3f}, {hi:.3f}]"
