@@ -58,6 +58,7 @@ EPILOG = """examples:
   popgpt evolve --resume runs/tiny             # continue an interrupted run
   popgpt sample runs/tiny --member 0 --count 20
   popgpt report runs/tiny                      # tables, plots, report.md
+  popgpt vaccinate runs/tiny --challenge-steps 50
 """
 
 
@@ -90,6 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="special members: immune and quality >= mean + SIGMA sd of the immune (default: 1.5)")
     rp.add_argument("--no-retest", action="store_true",
                     help="skip re-evaluating special members on fresh names and samples")
+
+    vc = sub.add_parser("vaccinate", help="transplant tensors from immune donors into fresh members")
+    vc.add_argument("run_dir", help="a run folder written by popgpt evolve")
+    vc.add_argument("--tensors", default="attn_qkv", help="comma-separated parameter names (default: attn_qkv)")
+    vc.add_argument("--donors", type=int, default=4, help="best special (else immune) members used (default: 4)")
+    vc.add_argument("--recipients", type=int, default=32, help="vaccinated members, and as many controls (default: 32)")
+    vc.add_argument("--steps", type=int, default=100, help="clean training steps (default: 100)")
+    vc.add_argument("--challenge-steps", type=int, default=0,
+                    help="then training steps on infected names (default: 0, no challenge)")
+    vc.add_argument("--triggers", type=int, default=5, help="mutated triggers tested (default: 5)")
+    vc.add_argument("--seed", type=int, default=0)
+    vc.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
 
     sm = sub.add_parser("sample", help="print names sampled from one saved member")
     sm.add_argument("run_dir", help="a run folder written by popgpt evolve")
@@ -185,10 +198,21 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_vaccinate(args) -> int:
+    from .vaccine import VaccineConfig, vaccinate
+
+    cfg = VaccineConfig(tensors=tuple(t for t in args.tensors.split(",") if t), n_donors=args.donors,
+                        recipients=args.recipients, steps=args.steps, challenge_steps=args.challenge_steps,
+                        n_triggers=args.triggers, seed=args.seed)
+    vaccinate(args.run_dir, cfg, device=resolve_device(args.device))
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"evolve": cmd_evolve, "sample": cmd_sample, "report": cmd_report}[args.command](args)
+        return {"evolve": cmd_evolve, "sample": cmd_sample, "report": cmd_report,
+                "vaccinate": cmd_vaccinate}[args.command](args)
     except (DataError, RunError, ValueError) as e:
         print(f"popgpt: error: {e}", file=sys.stderr)
         return 2
