@@ -126,7 +126,6 @@ def bench_size(P, args, engines, rows, device, cfg, tcfg):
               f"({n_seq} members) | speedup {r['speedup']:6.1f}x | float32: {100 * agree:.0f}% of members "
               f"within 1e-5 | float64 max |dparam| {check:.1e} {'ok' if r['equal'] else 'MISMATCH'}",
               flush=True)
-        del pop, engine
     return out
 
 

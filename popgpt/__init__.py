@@ -10,3 +10,7 @@ from .model import MicroGPT, ModelConfig  # noqa: E402
 from .population import AdamState, Population, default_seeds  # noqa: E402
 from .train import TrainConfig, train  # noqa: E402
 from .virus import ImmunityResult, Virus  # noqa: E402
+
+__all__ = ["AdamState", "DataConfig", "DataError", "Engine", "EvolutionConfig", "ImmunityResult", "MicroGPT",
+           "ModelConfig", "Population", "RunConfig", "TrainConfig", "Virus", "VirusConfig", "decode",
+           "default_seeds", "encode", "evolve", "load_names", "train"]

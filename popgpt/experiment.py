@@ -26,7 +26,7 @@ from .evolution import EvolutionConfig, assemble, next_generation, selection_fit
 from .model import ModelConfig
 from .population import Population, default_seeds
 from .runio import (RunError, environment, format_table, list_checkpoints, load_checkpoint, read_json,
-                    save_checkpoint, write_atomic, write_generations_csv, write_json, write_summary_csv)
+                    save_checkpoint, write_atomic, write_csv, write_json)
 from .stats import summarize_replicates
 from .train import TrainConfig, train
 from .virus import Virus
@@ -296,9 +296,10 @@ def evolve(config: RunConfig, run_dir: str, resume: bool = False, on_generation=
                                                    stream_seed(config.seed, "samples"),
                                                    "generation 0, best vulnerable")
             save_checkpoint(run_dir, gen, st.to_checkpoint(), config.keep_all_checkpoints)
-            write_generations_csv(os.path.join(run_dir, "generations.csv"), st.rows)
+            write_csv(os.path.join(run_dir, "generations.csv"), st.rows)
             if R > 1:
-                write_summary_csv(os.path.join(run_dir, "generations_summary.csv"), summarize_replicates(st.rows))
+                summary = summarize_replicates(st.rows)
+                write_csv(os.path.join(run_dir, "generations_summary.csv"), summary, list(summary[0]))
         eta = (time.perf_counter() - loop_started) / (gen - first + 1) * (E.generations - gen)
         live = st.rows[-1] if R == 1 else summarize_replicates(st.rows[-R:])[0]
         log(_live_row(live, time.perf_counter() - started, eta))

@@ -140,7 +140,7 @@ def write_report(run_dir: str, sigma: float = 1.5, retest_special: bool = True, 
     q_imm = q_last[:P][immune[:P]]
     md += [f"## Special members (generation {last_gen})", "",
            f"Immune and quality >= mean + {sigma} sd of the immune members' quality"
-           + (f" of the same replicate. Per replicate: "
+           + (" of the same replicate. Per replicate: "
               + ", ".join(str(int(special[r * P:(r + 1) * P].sum())) for r in range(R)) + f" of {P}. "
               if R > 1 else
               (f" ({q_imm.mean():.4f} + {sigma} x {q_imm.std():.4f} = {q_imm.mean() + sigma * q_imm.std():.4f}). "

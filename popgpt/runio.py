@@ -52,18 +52,9 @@ def format_cell(value) -> str:
     return str(value)
 
 
-def write_generations_csv(path: str, rows: list[dict]) -> None:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(COLUMNS)
-    for row in rows:
-        writer.writerow([format_cell(row[c]) for c in COLUMNS])
-    write_atomic(path, buf.getvalue())
-
-
-def write_summary_csv(path: str, rows: list[dict]) -> None:
-    """Replicate means with 95% interval bounds (``col_lo``, ``col_hi``), one row per generation."""
-    columns = list(rows[0])
+def write_csv(path: str, rows: list[dict], columns: list[str] | None = None) -> None:
+    """Rows (dicts) as CSV, atomically; columns default to ``COLUMNS`` (generations.csv)."""
+    columns = columns or COLUMNS
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(columns)

@@ -6,14 +6,8 @@ import torch
 
 from popgpt.analysis import ancestry, retest, special_members
 from popgpt.cli import main
-from popgpt.data import load_names
-from popgpt.evolution import EvolutionConfig
-from popgpt.experiment import DataConfig, RunConfig, VirusConfig, evolve
 from popgpt.report import write_report
 from popgpt.runio import load_checkpoint
-from popgpt.train import TrainConfig
-
-from conftest import NAMES
 
 
 def test_ancestry_through_crossover_by_hand():
@@ -41,15 +35,8 @@ def test_special_members_rule_by_hand():
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    names = tmp_path_factory.mktemp("data") / "names.txt"
-    names.write_text("\n".join(load_names(NAMES)[:3000]) + "\n")
-    run = str(tmp_path_factory.mktemp("run") / "run")
-    config = RunConfig(data=DataConfig(path=str(names), eval_docs=100), virus=VirusConfig(mutate_every=2),
-                       train=TrainConfig(steps=6, batch_size=8),
-                       evolution=EvolutionConfig(pop_size=10, generations=3, finetune_steps=4), n_sample_names=4)
-    evolve(config, run, log=lambda s: None)
-    return run
+def tiny_run(make_tiny_run):
+    return make_tiny_run(n_names=3000, eval_docs=100, mutate_every=2, pop_size=10, generations=3)
 
 
 def test_ancestry_of_a_real_run_is_consistent(tiny_run):

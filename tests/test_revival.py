@@ -6,13 +6,7 @@ import pytest
 import torch
 
 from popgpt.cli import main
-from popgpt.data import load_names
-from popgpt.evolution import EvolutionConfig
-from popgpt.experiment import DataConfig, RunConfig, VirusConfig, evolve
 from popgpt.revival import RevivalConfig, revive, steps_to_event
-from popgpt.train import TrainConfig
-
-from conftest import NAMES
 
 
 def test_steps_to_event_by_hand():
@@ -23,15 +17,8 @@ def test_steps_to_event_by_hand():
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    names = tmp_path_factory.mktemp("data") / "names.txt"
-    names.write_text("\n".join(load_names(NAMES)[:2000]) + "\n")
-    run = str(tmp_path_factory.mktemp("run") / "run")
-    config = RunConfig(data=DataConfig(path=str(names), eval_docs=60), virus=VirusConfig(mutate_every=0),
-                       train=TrainConfig(steps=3, batch_size=8),
-                       evolution=EvolutionConfig(pop_size=8, generations=1, finetune_steps=2), n_sample_names=3)
-    evolve(config, run, log=lambda s: None)
-    return run
+def tiny_run(make_tiny_run):
+    return make_tiny_run()
 
 
 def test_revive_groups_and_curves(tiny_run):
