@@ -117,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     rv.add_argument("--seed", type=int, default=0)
     rv.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
 
+    hd = sub.add_parser("heads", help="per-head metrics: silenced vs redirected immune members")
+    hd.add_argument("run_dir", help="a run folder written by popgpt evolve")
+    hd.add_argument("--generation", type=int, help="saved generation (default: the newest)")
+    hd.add_argument("--names", type=int, default=200, help="held-out names for clean metrics (default: 200)")
+    hd.add_argument("--sigma", type=float, default=1.5, help="special-member rule (default: 1.5)")
+    hd.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+
     sm = sub.add_parser("sample", help="print names sampled from one saved member")
     sm.add_argument("run_dir", help="a run folder written by popgpt evolve")
     sm.add_argument("--member", type=int, required=True, help="member index in that generation")
@@ -231,11 +238,19 @@ def cmd_revive(args) -> int:
     return 0
 
 
+def cmd_heads(args) -> int:
+    from .heads import analyze_heads
+
+    analyze_heads(args.run_dir, args.generation, args.names, args.sigma, device=resolve_device(args.device))
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"evolve": cmd_evolve, "sample": cmd_sample, "report": cmd_report,
-                "vaccinate": cmd_vaccinate, "revive": cmd_revive}[args.command](args)
+                "vaccinate": cmd_vaccinate, "revive": cmd_revive,
+                "heads": cmd_heads}[args.command](args)
     except (DataError, RunError, ValueError) as e:
         print(f"popgpt: error: {e}", file=sys.stderr)
         return 2

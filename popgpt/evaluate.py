@@ -32,12 +32,13 @@ def on_device(tokens: list[int], device) -> torch.Tensor:
 
 @torch.no_grad()
 def clean_nll(pop: Population, rows: torch.Tensor, n_targets: int | None = None,
-              chunk: int | None = None) -> torch.Tensor:
+              chunk: int | None = None, head_mask=None) -> torch.Tensor:
     """Mean NLL per character of every member on encoded rows (N, T+1): [P].
 
     ``n_targets`` (the number of non-padding targets in ``rows``) saves a
     device sync when the caller counted them once on the host; ``chunk``
-    (names per forward) defaults to what fits ``LOGIT_BUDGET``.
+    (names per forward) defaults to what fits ``LOGIT_BUDGET``; ``head_mask``
+    (n_layer, H) ablates heads.
     """
     P, (T, V) = len(pop), (pop.config.block_size, pop.config.vocab_size)
     chunk = chunk or max(1, LOGIT_BUDGET.get(pop.device.type, 2 ** 25) // (P * T * V))
@@ -46,7 +47,7 @@ def clean_nll(pop: Population, rows: torch.Tensor, n_targets: int | None = None,
     total = torch.zeros(P, device=pop.device)
     for start in range(0, len(rows), chunk):
         x, y = inputs_targets(rows[start:start + chunk])  # (b, T) shared by all members
-        total += member_nll_sum(pop.logits(x), y)  # logits (P, b, T, V)
+        total += member_nll_sum(pop.logits(x, head_mask=head_mask), y)  # logits (P, b, T, V)
     return total / count
 
 

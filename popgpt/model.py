@@ -66,17 +66,24 @@ def rmsnorm(x: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
-def causal_attention(x, qkv_w, out_w, n_head: int, return_pattern: bool = False):
-    """Multi-head causal self-attention on x (B, T, C); matmul + mask + softmax."""
+def causal_attention(x, qkv_w, out_w, n_head: int, return_pattern: bool = False, head_mask=None):
+    """Multi-head causal self-attention on x (B, T, C); matmul + mask + softmax.
+
+    ``head_mask`` (H,) scales each head's output (0 ablates it). With
+    ``return_pattern`` also returns the pattern (B, H, T, T) and the per-head
+    values z (B, T, H, D) that ``out_w`` maps back to the residual stream.
+    """
     B, T, C = x.shape
     q, k, v = F.linear(x, qkv_w).split(C, dim=-1)  # 3 x (B, T, C)
     q, k, v = (t.unflatten(-1, (n_head, C // n_head)).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
     scores = (q @ k.transpose(-1, -2)) * (C // n_head) ** -0.5  # (B, H, T, T)
     causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
     pattern = scores.masked_fill(~causal, float("-inf")).softmax(-1)  # (B, H, T, T)
-    z = (pattern @ v).transpose(1, 2).flatten(-2)  # (B, T, C)
-    out = F.linear(z, out_w)
-    return (out, pattern) if return_pattern else out
+    z = (pattern @ v).transpose(1, 2)  # (B, T, H, D)
+    if head_mask is not None:
+        z = z * head_mask[:, None]
+    out = F.linear(z.flatten(-2), out_w)
+    return (out, pattern, z) if return_pattern else out
 
 
 class _Block(nn.Module):
@@ -121,13 +128,15 @@ class MicroGPT(nn.Module):
             return [self]
         return [getattr(self, f"layer{i}") for i in range(self.config.n_layer)]
 
-    def forward(self, idx: torch.Tensor, return_cache: bool = False):
+    def forward(self, idx: torch.Tensor, return_cache: bool = False, head_mask=None):
         """Logits (B, T, V) for token ids idx (B, T).
 
         With ``return_cache=True`` also returns a dict of activations named as
-        in TransformerLens (``blocks.{i}.attn.hook_pattern``,
-        ``blocks.{i}.hook_resid_pre`` / ``hook_resid_post``) as explicit
-        outputs, so the forward stays usable under ``vmap``.
+        in TransformerLens (``blocks.{i}.attn.hook_pattern`` (B, H, T, T),
+        ``blocks.{i}.attn.hook_z`` (B, T, H, D), ``blocks.{i}.hook_resid_pre``
+        / ``hook_resid_post``) as explicit outputs, so the forward stays
+        usable under ``vmap``. ``head_mask`` (n_layer, H) scales every head's
+        output (0 ablates a head).
         """
         cfg = self.config
         B, T = idx.shape
@@ -137,9 +146,11 @@ class MicroGPT(nn.Module):
         cache = {}
         for i, block in enumerate(self._blocks()):
             cache[f"blocks.{i}.hook_resid_pre"] = x
-            attn, pattern = causal_attention(rmsnorm(x, cfg.norm_eps), block.attn_qkv,
-                                             block.attn_out, cfg.n_head, return_pattern=True)
+            attn, pattern, z = causal_attention(rmsnorm(x, cfg.norm_eps), block.attn_qkv, block.attn_out,
+                                                cfg.n_head, return_pattern=True,
+                                                head_mask=None if head_mask is None else head_mask[i])
             cache[f"blocks.{i}.attn.hook_pattern"] = pattern
+            cache[f"blocks.{i}.attn.hook_z"] = z
             x = x + attn
             hidden = F.relu(F.linear(rmsnorm(x, cfg.norm_eps), block.mlp_fc1))  # (B, T, 4C)
             x = x + F.linear(hidden, block.mlp_fc2)

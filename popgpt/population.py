@@ -48,10 +48,13 @@ class AdamState:
 
 
 def population_logits(base: MicroGPT, params: dict, idx: torch.Tensor, in_dims=(0, 0),
-                      return_cache: bool = False):
-    """vmap of ``functional_call(base, member_params, (idx,))`` over the population axis."""
+                      return_cache: bool = False, head_mask=None):
+    """vmap of ``functional_call(base, member_params, (idx,))`` over the population axis.
+
+    ``head_mask`` (n_layer, H), shared by all members, scales head outputs.
+    """
     def one(member_params, x):
-        return functional_call(base, member_params, (x,), {"return_cache": return_cache})
+        return functional_call(base, member_params, (x,), {"return_cache": return_cache, "head_mask": head_mask})
 
     return torch.vmap(one, in_dims=in_dims)(params, idx)
 
@@ -128,8 +131,12 @@ class Population:
     def clone(self) -> "Population":
         return self[torch.arange(len(self), device=self.device)]
 
-    def logits(self, idx: torch.Tensor, return_cache: bool = False):
-        """Logits (P, B, T, V) for per-member batches (P, B, T) or one shared batch (B, T)."""
+    def logits(self, idx: torch.Tensor, return_cache: bool = False, head_mask=None):
+        """Logits (P, B, T, V) for per-member batches (P, B, T) or one shared batch (B, T).
+
+        ``return_cache``: also the activation dict, every entry with P first.
+        ``head_mask`` (n_layer, H): scales (0: ablates) heads in every member.
+        """
         if idx.dim() == 3:
             if idx.shape[0] != len(self):
                 raise ValueError(f"per-member batch has {idx.shape[0]} members, population has {len(self)}")
@@ -139,7 +146,7 @@ class Population:
         else:
             raise ValueError(f"idx must be (P, B, T) or (B, T), got shape {tuple(idx.shape)}")
 
-        return population_logits(self.base, self.params, idx, in_dims, return_cache)
+        return population_logits(self.base, self.params, idx, in_dims, return_cache, head_mask)
 
     def member(self, i: int) -> MicroGPT:
         """A standalone ``MicroGPT`` holding a copy of member i's weights."""
