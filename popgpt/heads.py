@@ -26,11 +26,16 @@ payload contribution is below the vulnerable members' 25th percentile;
 *unclear* otherwise.
 """
 
+import os
+
 import torch
 
-from .data import BOUNDARY, inputs_targets
+from .analysis import special_members
+from .data import BOUNDARY, docs_to_tensor, encode, inputs_targets, load_names, split_names
 from .evaluate import clean_nll, on_device
+from .experiment import RunConfig, resolve, stream_seed
 from .population import Population
+from .runio import format_table, load_checkpoint, read_json, write_atomic, write_json
 
 METRICS = ("norm_clean", "norm_trigger", "attn_to_trigger", "payload_dla", "usefulness")
 
@@ -107,13 +112,6 @@ def analyze_heads(run_dir: str, generation: int | None = None, n_names: int = 20
                   device: str = "cpu", log=print) -> dict:
     """Per-head metrics of a saved generation, compared across special, ordinary-immune and
     vulnerable members; writes ``RUN_DIR/heads/`` (heads.md, results.json, heads.png)."""
-    import os
-
-    from .analysis import special_members
-    from .data import docs_to_tensor, encode, load_names, split_names
-    from .experiment import RunConfig, resolve, stream_seed
-    from .runio import format_table, load_checkpoint, read_json, write_atomic, write_json
-
     run_cfg = RunConfig.from_dict(read_json(os.path.join(run_dir, "config.json"))["config"])
     names = load_names(run_cfg.data.path)
     run_cfg = resolve(run_cfg, names)
@@ -163,8 +161,6 @@ def _scatter(folder, head, groups):
         import matplotlib
     except ImportError:
         return None
-    import os
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
