@@ -1,6 +1,7 @@
 """Replicates: R populations in one batch, selection within each, tables with intervals."""
 
 import csv
+import json
 import math
 import os
 
@@ -8,14 +9,10 @@ import pytest
 import torch
 
 from popgpt import ModelConfig, Population
-from popgpt.data import load_names
 from popgpt.evolution import EvolutionConfig, assemble, next_generation, pick_parents, select
-from popgpt.experiment import DataConfig, RunConfig, VirusConfig, evolve
 from popgpt.runio import load_checkpoint
 from popgpt.stats import mean_interval, summarize_replicates, t975
-from popgpt.train import TrainConfig
 
-from conftest import NAMES
 
 
 def test_mean_interval_by_hand():
@@ -54,15 +51,9 @@ def test_next_generation_and_assemble_keep_replicates_apart():
         assert max(close) < 0.2  # mutation noise only (std 0.02, 1% of weights)
 
 
-def test_replicated_run_tables(tmp_path):
-    names = tmp_path / "names.txt"
-    names.write_text("\n".join(load_names(NAMES)[:2000]) + "\n")
-    config = RunConfig(data=DataConfig(path=str(names), eval_docs=60), virus=VirusConfig(mutate_every=0),
-                       train=TrainConfig(steps=4, batch_size=8),
-                       evolution=EvolutionConfig(pop_size=6, replicates=3, generations=2, finetune_steps=3),
-                       n_sample_names=3)
-    run = str(tmp_path / "run")
-    results = evolve(config, run, log=lambda s: None)
+def test_replicated_run_tables(make_tiny_run):
+    run = make_tiny_run(pop_size=6, replicates=3, generations=2)
+    results = json.load(open(os.path.join(run, "results.json")))
     with open(os.path.join(run, "generations.csv")) as f:
         rows = list(csv.DictReader(f))
     assert [(r["generation"], r["replicate"]) for r in rows] == [(str(g), str(r)) for g in range(3) for r in range(3)]
@@ -82,17 +73,11 @@ def test_replicated_run_tables(tmp_path):
     assert summarize_replicates(results["generations"])[0]["replicates"] == 3
 
 
-def test_report_of_a_replicated_run(tmp_path):
+def test_report_of_a_replicated_run(make_tiny_run):
     from popgpt.report import generation_table, write_report
 
-    names = tmp_path / "names.txt"
-    names.write_text("\n".join(load_names(NAMES)[:2000]) + "\n")
-    config = RunConfig(data=DataConfig(path=str(names), eval_docs=60), virus=VirusConfig(mutate_every=0),
-                       train=TrainConfig(steps=4, batch_size=8),
-                       evolution=EvolutionConfig(pop_size=6, replicates=2, generations=1, finetune_steps=3),
-                       n_sample_names=3)
-    run = str(tmp_path / "run")
-    results = evolve(config, run, log=lambda s: None)
+    run = make_tiny_run(pop_size=6, replicates=2, generations=1)
+    results = json.load(open(os.path.join(run, "results.json")))
     text = open(write_report(run, retest_special=False)).read()
     assert "mean [95% t interval] over 2 replicates" in text and "Per replicate:" in text
     table = generation_table(results["generations"], 2)
