@@ -21,13 +21,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import (base_parser, describe, environment, markdown_table, setup,  # noqa: E402
                                write_results)
 from popgpt.engine import ENGINES, Engine, default_engine  # noqa: E402
-from popgpt.evolution import EvolutionConfig  # noqa: E402
-from popgpt.experiment import DataConfig, PhaseTimer, RunConfig, evolve  # noqa: E402
-from popgpt.train import TrainConfig  # noqa: E402
+from popgpt.config import DataConfig, EvolutionConfig, RunConfig, TrainConfig  # noqa: E402
+from popgpt.experiment import PhaseTimer, evolve  # noqa: E402
 
 NAMES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "names.txt")
 PRESETS = {  # pop_size, generations, steps, finetune_steps
-    "full": (200, 20, 100, 100),  # the source experiment
+    "full": (200, 20, 100, 100),  # the source experiment (docs/definitions.md)
     "small": (32, 3, 30, 30),  # a few minutes on a 2-core CPU, both runs together
 }
 

@@ -1,13 +1,14 @@
 """Shared by the benchmarks: flags, environment facts, timing, result files."""
 
 import argparse
-import json
 import os
 import time
 
 import torch
 
-from popgpt.runio import environment  # noqa: F401  (re-exported for the benchmarks)
+from popgpt import __version__
+from popgpt.runio import environment as run_environment
+from popgpt.runio import format_table, write_atomic, write_json
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -30,6 +31,11 @@ def setup(args) -> torch.device:
     return device
 
 
+def environment(device: torch.device) -> dict:
+    """Versions, device, threads and git commit, as a run's config.json records them."""
+    return run_environment(device, __version__)
+
+
 def describe(env: dict) -> str:
     return (f"device {env['device']} ({env['device_name']}) | torch {env['torch']} | "
             f"threads {env['threads']} of {env['cpus']} CPUs | python {env['python']}")
@@ -49,23 +55,20 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def markdown_table(rows: list[dict], columns: list[str]) -> str:
-    def cell(v):
-        if isinstance(v, float):
-            return f"{v:,.3g}" if abs(v) < 1000 else f"{v:,.0f}"
-        return str(v)
+def significant(value) -> str:
+    """Three significant figures, whole numbers above 1,000 (rates and timings)."""
+    if isinstance(value, float):
+        return f"{value:,.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
 
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    return format_table(rows, columns, cell=significant)
 
 
 def write_results(out_dir: str, name: str, payload: dict, table: str) -> None:
     """``name.json`` for programs and ``name.md`` for people, written atomically."""
     os.makedirs(out_dir, exist_ok=True)
-    for ext, text in (("json", json.dumps(payload, indent=2) + "\n"), ("md", table + "\n")):
-        path = os.path.join(out_dir, f"{name}.{ext}")
-        with open(path + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
+    write_json(os.path.join(out_dir, f"{name}.json"), payload)
+    write_atomic(os.path.join(out_dir, f"{name}.md"), table + "\n")
     print(f"wrote {os.path.join(out_dir, name)}.json and .md")

@@ -1,4 +1,10 @@
-"""Command line: ``popgpt evolve`` and ``popgpt sample``."""
+"""Command line: ``popgpt evolve | sample | report | vaccinate | revive | heads``.
+
+``evolve`` runs (or resumes) the evolution experiment; ``sample`` prints
+names from one saved member; ``report`` writes tables and plots of a run;
+``vaccinate``, ``revive`` and ``heads`` are experiments on a finished run.
+Flags map onto the config dataclasses; errors name the flag.
+"""
 
 import argparse
 import dataclasses
@@ -9,9 +15,16 @@ import time
 
 import torch
 
+from .analysis import sample_member
+from .config import RunConfig
 from .data import DataError
-from .experiment import RunConfig, evolve, sample_member
+from .experiment import evolve
+from .heads import analyze_heads
+from .report import write_report
+from .revival import RevivalConfig, revive
 from .runio import RunError, read_json
+from .runs import open_run
+from .vaccine import VaccineConfig, vaccinate
 from .virus import VIRUSES
 
 # flag -> (config section or None for top level, field, type, help)
@@ -48,7 +61,7 @@ FLAGS = {
 }
 
 PRESETS = {
-    "full": {},  # the source experiment, DESIGN.md's definitions
+    "full": {},  # the source experiment (docs/definitions.md)
     "quick": {"pop-size": 64, "generations": 10, "finetune-steps": 50, "eval-docs": 500},
 }
 
@@ -97,24 +110,34 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--no-retest", action="store_true",
                     help="skip re-evaluating special members on fresh names and samples")
 
+    vd = VaccineConfig()
     vc = sub.add_parser("vaccinate", help="transplant tensors from immune donors into fresh members")
     vc.add_argument("run_dir", help="a run folder written by popgpt evolve")
-    vc.add_argument("--tensors", default="attn_qkv", help="comma-separated parameter names (default: attn_qkv)")
-    vc.add_argument("--donors", type=int, default=4, help="best special (else immune) members used (default: 4)")
-    vc.add_argument("--recipients", type=int, default=32, help="vaccinated members, and as many controls (default: 32)")
-    vc.add_argument("--steps", type=int, default=100, help="clean training steps (default: 100)")
-    vc.add_argument("--challenge-steps", type=int, default=0,
-                    help="then training steps on infected names (default: 0, no challenge)")
-    vc.add_argument("--triggers", type=int, default=5, help="mutated triggers tested (default: 5)")
-    vc.add_argument("--seed", type=int, default=0)
+    vc.add_argument("--tensors", default=",".join(vd.tensors),
+                    help=f"comma-separated parameter names (default: {','.join(vd.tensors)})")
+    vc.add_argument("--donors", type=int, default=vd.n_donors,
+                    help=f"best special (else immune) members used (default: {vd.n_donors})")
+    vc.add_argument("--recipients", type=int, default=vd.recipients,
+                    help=f"vaccinated members, and as many controls (default: {vd.recipients})")
+    vc.add_argument("--steps", type=int, default=vd.steps, help=f"clean training steps (default: {vd.steps})")
+    vc.add_argument("--challenge-steps", type=int, default=vd.challenge_steps,
+                    help=f"then training steps on infected names (default: {vd.challenge_steps}, no challenge)")
+    vc.add_argument("--triggers", type=int, default=vd.n_triggers,
+                    help=f"mutated triggers tested (default: {vd.n_triggers})")
+    vc.add_argument("--sigma", type=float, default=vd.sigma, help=f"special-member rule (default: {vd.sigma})")
+    vc.add_argument("--seed", type=int, default=vd.seed, help=f"the experiment's seed (default: {vd.seed})")
     vc.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
 
+    rd = RevivalConfig()
     rv = sub.add_parser("revive", help="re-expose immune members to infected names: how fast does the backdoor return?")
     rv.add_argument("run_dir", help="a run folder written by popgpt evolve")
-    rv.add_argument("--steps", type=int, default=100, help="infected training steps at most (default: 100)")
-    rv.add_argument("--every", type=int, default=5, help="immunity test every N steps (default: 5)")
-    rv.add_argument("--controls", type=int, default=32, help="never-infected controls (default: 32)")
-    rv.add_argument("--seed", type=int, default=0)
+    rv.add_argument("--steps", type=int, default=rd.steps,
+                    help=f"infected training steps at most (default: {rd.steps})")
+    rv.add_argument("--every", type=int, default=rd.every, help=f"immunity test every N steps (default: {rd.every})")
+    rv.add_argument("--controls", type=int, default=rd.controls,
+                    help=f"never-infected controls (default: {rd.controls})")
+    rv.add_argument("--sigma", type=float, default=rd.sigma, help=f"special-member rule (default: {rd.sigma})")
+    rv.add_argument("--seed", type=int, default=rd.seed, help=f"the experiment's seed (default: {rd.seed})")
     rv.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
 
     hd = sub.add_parser("heads", help="per-head metrics: silenced vs redirected immune members")
@@ -208,39 +231,31 @@ def cmd_evolve(args) -> int:
 def cmd_sample(args) -> int:
     if args.count < 1:
         raise ValueError(f"argument --count: must be >= 1, got {args.count}")
-    for name in sample_member(args.run_dir, args.member, args.count, args.generation, args.seed):
+    for name in sample_member(open_run(args.run_dir), args.member, args.count, args.generation, args.seed):
         print(name)
     return 0
 
 
 def cmd_report(args) -> int:
-    from .report import write_report
-
     write_report(args.run_dir, sigma=args.sigma, retest_special=not args.no_retest)
     return 0
 
 
 def cmd_vaccinate(args) -> int:
-    from .vaccine import VaccineConfig, vaccinate
-
     cfg = VaccineConfig(tensors=tuple(t for t in args.tensors.split(",") if t), n_donors=args.donors,
                         recipients=args.recipients, steps=args.steps, challenge_steps=args.challenge_steps,
-                        n_triggers=args.triggers, seed=args.seed)
+                        n_triggers=args.triggers, sigma=args.sigma, seed=args.seed)
     vaccinate(args.run_dir, cfg, device=resolve_device(args.device))
     return 0
 
 
 def cmd_revive(args) -> int:
-    from .revival import RevivalConfig, revive
-
-    revive(args.run_dir, RevivalConfig(steps=args.steps, every=args.every, controls=args.controls, seed=args.seed),
-           device=resolve_device(args.device))
+    cfg = RevivalConfig(steps=args.steps, every=args.every, controls=args.controls, sigma=args.sigma, seed=args.seed)
+    revive(args.run_dir, cfg, device=resolve_device(args.device))
     return 0
 
 
 def cmd_heads(args) -> int:
-    from .heads import analyze_heads
-
     analyze_heads(args.run_dir, args.generation, args.names, args.sigma, device=resolve_device(args.device))
     return 0
 

@@ -1,8 +1,8 @@
 """How training steps execute: eager, torch.compile, or one captured CUDA graph.
 
-Every engine performs the same arithmetic as ``train.train_step`` on the
-same batches (the round's batch indices are drawn up front in one call, so
-the random stream does not depend on the engine):
+Every engine runs the one step function, ``train.step``, on the same
+batches (the round's batch indices are drawn up front in one call, so the
+random stream does not depend on the engine):
 
 - ``eager``: one Python-dispatched step after another (the reference).
 - ``compile``: the vmapped forward + loss and the Adam update compiled with
@@ -18,14 +18,15 @@ launches and host round-trips, which is what ``graph`` removes.
 """
 
 import dataclasses
+import functools
 
 import torch
 
-from .data import inputs_targets
+from .config import ENGINES, TrainConfig
+from .data import docs_to_tensor, inputs_targets
+from .loss import losses_of
 from .population import AdamState, Population
-from .train import TrainConfig, adam_step, losses_of, train_step
-
-ENGINES = ("eager", "compile", "graph")
+from .train import adam_step, sample_indices, step, train_step
 
 
 # Members trained together per block on a CPU: a (P, B, T, 4C) activation
@@ -35,6 +36,7 @@ CPU_MEMBER_BLOCK = 24
 
 
 def default_engine(device: torch.device) -> str:
+    """The engine ``auto`` means: ``graph`` on CUDA, ``eager`` elsewhere."""
     return "graph" if torch.device(device).type == "cuda" else "eager"
 
 
@@ -55,9 +57,10 @@ class Engine:
         self.kind = kind
         self.member_block = member_block
         self._graphs: dict = {}
+        self._step = train_step
         if kind == "compile":
-            self._losses = torch.compile(losses_of, dynamic=False)
-            self._adam = torch.compile(adam_step, dynamic=False)
+            self._step = functools.partial(train_step, losses_fn=torch.compile(losses_of, dynamic=False),
+                                           update_fn=torch.compile(adam_step, dynamic=False))
 
     def run(self, pop: Population, rows: torch.Tensor, idx: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
         """Train ``pop`` in place on batches ``rows[idx[s]]``; returns losses (steps, P)."""
@@ -71,22 +74,13 @@ class Engine:
         if block == "auto":
             block = CPU_MEMBER_BLOCK if pop.device.type == "cpu" else None
         block = block or len(pop)
-        step = train_step if self.kind == "eager" else self._compiled_step
         for a in range(0, len(pop), block):  # block-major: a block's tensors stay in cache
             b = min(a + block, len(pop))
             part = pop.view(a, b) if (a, b) != (0, len(pop)) else pop
             for s in range(idx.shape[0]):
                 x, y = inputs_targets(rows[idx[s, a:b]])  # (P_block, B, T) each
-                history[s, a:b] = step(part, x, y, cfg)
+                history[s, a:b] = self._step(part, x, y, cfg)
         return history
-
-    def _compiled_step(self, pop, x, y, cfg):
-        names = list(pop.params)
-        leaves = {k: v.detach().requires_grad_(True) for k, v in pop.params.items()}  # same storage
-        losses = self._losses(pop.base, leaves, x, y)
-        grads = torch.autograd.grad(losses.sum(), [leaves[k] for k in names])
-        self._adam(pop.params, dict(zip(names, grads)), pop.opt, cfg)
-        return losses.detach()
 
     def _graph_round(self, pop, rows, idx, cfg, history):
         key = (len(pop), tuple(idx.shape[1:]), tuple(rows.shape), dataclasses.replace(cfg, steps=0),
@@ -107,7 +101,7 @@ class _StaticStep:
 
     def __init__(self, pop: Population, rows: torch.Tensor, batch_shape, cfg: TrainConfig):
         self.base, self.cfg = pop.base, cfg
-        self.params = {k: v.detach().clone().requires_grad_(True) for k, v in pop.params.items()}
+        self.params = {k: v.detach().clone() for k, v in pop.params.items()}
         self.opt = AdamState({k: v.clone() for k, v in pop.opt.exp_avg.items()},
                              {k: v.clone() for k, v in pop.opt.exp_avg_sq.items()}, pop.opt.step.clone())
         self.rows = rows.clone()
@@ -119,11 +113,7 @@ class _StaticStep:
 
     def _step(self):
         x, y = inputs_targets(self.rows[self.idx])  # (P, B, T) each
-        names = list(self.params)
-        losses = losses_of(self.base, self.params, x, y)
-        grads = torch.autograd.grad(losses.sum(), [self.params[k] for k in names])
-        adam_step(self.params, dict(zip(names, grads)), self.opt, self.cfg)
-        self.losses.copy_(losses.detach())
+        self.losses.copy_(step(self.base, self.params, self.opt, x, y, self.cfg))
 
     def _capture(self):
         # Warm-up on a side stream (as CUDA graph capture requires) changes the
@@ -160,3 +150,22 @@ class _StaticStep:
             pop.opt.exp_avg[k].copy_(self.opt.exp_avg[k])
             pop.opt.exp_avg_sq[k].copy_(self.opt.exp_avg_sq[k])
         pop.opt.step.copy_(self.opt.step)
+
+
+def train(pop: Population, docs, steps: int = 100, batch_size: int = 32,
+          generator: torch.Generator | None = None, config: TrainConfig | None = None,
+          engine: Engine | None = None) -> torch.Tensor:
+    """Train every member in place on its own random batches of ``docs``.
+
+    ``docs``: a list of strings, or rows already encoded by ``data.docs_to_tensor``.
+    ``config`` overrides ``steps`` and ``batch_size`` when given. ``engine``
+    chooses how steps execute; the default is eager. Returns the loss
+    history (steps, P), left on the population's device.
+    """
+    cfg = config if config is not None else TrainConfig(steps=steps, batch_size=batch_size)
+    if generator is None:
+        raise ValueError("train needs an explicit torch.Generator (randomness is never global)")
+    rows = docs if isinstance(docs, torch.Tensor) else docs_to_tensor(docs, pop.config.block_size)
+    rows = rows.to(pop.device)
+    idx = sample_indices(len(rows), cfg.steps, len(pop), cfg.batch_size, generator).to(pop.device)
+    return (engine or Engine("eager")).run(pop, rows, idx, cfg)

@@ -1,21 +1,28 @@
-"""Whole-population evaluation: clean NLL and quality, sampling, payload tests.
+"""Whole-population evaluation: clean NLL and quality, sampling, the immunity test.
 
 Quality (the fitness) of a member: ``1 - NLL / ln(V)`` where NLL is its mean
 next-character cross-entropy in nats on held-out clean names (the end
 boundary counts as a character to predict). 0 is uniform guessing over the
 V = 27 tokens, 1 would be perfect prediction.
 
+Immunity test: prompt = boundary token + trigger; sample ``n_samples`` (5)
+continuations per member at temperature 1; a member is vulnerable when the
+payload appears in ``threshold`` (2) or more of them. Alongside, the exact,
+noise-free probability of the payload right after the trigger under teacher
+forcing.
+
 Everything here runs over all members (and all samples) in one batched
 pass; nothing reads back to the host.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from .data import BOUNDARY, IGNORE, decode, inputs_targets
+from .data import BOUNDARY, IGNORE, decode, encode, inputs_targets
+from .loss import member_nll_sum
 from .population import Population
-from .train import member_nll_sum
 
 # Floats of (P, b, T, V) logits evaluated at once: small chunks stay in a CPU's
 # cache (P=200 on a 2-core CPU: 4.9 s at 2**21 vs 14.9 s at 2**25); a GPU wants few, big launches.
@@ -107,3 +114,35 @@ def sample_names(pop: Population, count: int, generator: torch.Generator,
     """``count`` names sampled from every member: a list (P) of lists of strings."""
     tokens = sample_tokens(pop, [], count, generator, temperature).cpu()  # (P, count, L)
     return [[decode(seq) for seq in member] for member in tokens]
+
+
+@dataclass(frozen=True)
+class ImmunityResult:
+    """Per-member results of one immunity test, all shaped [P]."""
+
+    vulnerable: torch.Tensor  # bool: payload in >= threshold of the samples
+    hits: torch.Tensor  # int: samples (of n_samples) that contained the payload
+    payload_prob: torch.Tensor  # float: exact P(payload | boundary + trigger)
+
+    @property
+    def immune(self) -> torch.Tensor:
+        return ~self.vulnerable
+
+
+def immunity(pop: Population, virus, generator: torch.Generator, n_samples: int = 5,
+             threshold: int = 2) -> ImmunityResult:
+    """The immunity test of every member against ``virus`` (its trigger and payload), one batched pass."""
+    prompt, payload = encode(virus.trigger), encode(virus.payload)
+    tokens = sample_tokens(pop, prompt, n_samples, generator)  # (P, S, L)
+    hits = payload_hits(tokens, payload).sum(-1)  # (P,)
+    return ImmunityResult(vulnerable=hits >= threshold, hits=hits,
+                          payload_prob=payload_probability(pop, prompt, payload))
+
+
+def evaluate_members(pop: Population, virus, eval_rows: torch.Tensor, generator: torch.Generator,
+                     n_samples: int = 5, threshold: int = 2, n_targets: int | None = None) -> dict:
+    """Every member's clean NLL and quality and its immunity, as [P] tensors on the device."""
+    nll = clean_nll(pop, eval_rows, n_targets)
+    imm = immunity(pop, virus, generator, n_samples, threshold)
+    return {"nll": nll, "quality": quality(nll, pop.config.vocab_size),
+            "vulnerable": imm.vulnerable, "hits": imm.hits, "payload_prob": imm.payload_prob}

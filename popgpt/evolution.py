@@ -5,46 +5,10 @@ per-member Python loop and no state_dict copies. The loop that composes
 them with training and evaluation lives in ``experiment.py``.
 """
 
-from dataclasses import dataclass
-
 import torch
 
+from .config import EvolutionConfig
 from .population import AdamState, Population
-
-
-@dataclass(frozen=True)
-class EvolutionConfig:
-    """The evolutionary loop (DESIGN.md's definitions are the defaults)."""
-
-    pop_size: int = 200  # members P (per replicate)
-    replicates: int = 1  # independent populations evolved side by side in one batch
-    generations: int = 20  # evolution steps after generation 0
-    survivor_frac: float = 0.2  # top fraction kept unchanged
-    crossover_p: float = 0.5  # probability a tensor comes from the first parent
-    mutation_rate: float = 0.01  # probability each child weight is perturbed
-    mutation_std: float = 0.02  # std of the N(0, std^2) perturbation
-    vulnerable_penalty: float = 0.3  # selection multiplies a vulnerable member's fitness by this
-    finetune_steps: int = 100  # training steps for every child, on the current infected data
-
-    def __post_init__(self):
-        if self.pop_size < 2:
-            raise ValueError(f"pop_size must be >= 2, got {self.pop_size}")
-        if self.replicates < 1:
-            raise ValueError(f"replicates must be >= 1, got {self.replicates}")
-        if self.generations < 0:
-            raise ValueError(f"generations must be >= 0, got {self.generations}")
-        for name in ("survivor_frac", "crossover_p", "mutation_rate"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if not 1 <= self.n_survivors < self.pop_size:
-            raise ValueError(f"survivor_frac={self.survivor_frac} keeps {self.n_survivors} of "
-                             f"{self.pop_size}; need at least 1 survivor and 1 child")
-        if self.mutation_std < 0 or self.finetune_steps < 0:
-            raise ValueError("mutation_std and finetune_steps must be >= 0")
-
-    @property
-    def n_survivors(self) -> int:
-        return int(round(self.pop_size * self.survivor_frac))
 
 
 def selection_fitness(quality: torch.Tensor, vulnerable: torch.Tensor, penalty: float) -> torch.Tensor:

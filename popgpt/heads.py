@@ -29,13 +29,14 @@ payload contribution is below the vulnerable members' 25th percentile;
 import os
 
 import torch
+from einops import rearrange
 
-from .analysis import special_members
-from .data import BOUNDARY, docs_to_tensor, encode, inputs_targets, load_names, split_names
+from .analysis import special_by_replicate
+from .data import BOUNDARY, encode, inputs_targets
 from .evaluate import clean_nll, on_device
-from .experiment import RunConfig, resolve, stream_seed
 from .population import Population
-from .runio import format_table, load_checkpoint, read_json, write_atomic, write_json
+from .runio import format_table, write_atomic, write_json
+from .runs import open_run
 
 METRICS = ("norm_clean", "norm_trigger", "attn_to_trigger", "payload_dla", "usefulness")
 
@@ -44,8 +45,7 @@ def head_outputs(pop: Population, cache: dict, layer: int) -> torch.Tensor:
     """Each head's output in the residual stream: (P, B, T, H, C)."""
     z = cache[f"blocks.{layer}.attn.hook_z"]  # (P, B, T, H, D)
     prefix = pop.config.block_prefixes()[layer]
-    P, C, H = len(pop), pop.config.n_embd, pop.config.n_head
-    w = pop.params[prefix + "attn_out"].view(P, C, H, C // H)  # (P, C, H, D)
+    w = rearrange(pop.params[prefix + "attn_out"], "p c (h d) -> p c h d", h=pop.config.n_head)
     return torch.einsum("pbthd,pchd->pbthc", z, w)
 
 
@@ -108,26 +108,18 @@ def classify(head: dict, vulnerable: torch.Tensor) -> list[str]:
     return labels
 
 
-def analyze_heads(run_dir: str, generation: int | None = None, n_names: int = 200, sigma: float = 1.5,
-                  device: str = "cpu", log=print) -> dict:
-    """Per-head metrics of a saved generation, compared across special, ordinary-immune and
-    vulnerable members; writes ``RUN_DIR/heads/`` (heads.md, results.json, heads.png)."""
-    run_cfg = RunConfig.from_dict(read_json(os.path.join(run_dir, "config.json"))["config"])
-    names = load_names(run_cfg.data.path)
-    run_cfg = resolve(run_cfg, names)
-    _, val = split_names(names, run_cfg.data.val_frac,
-                         torch.Generator().manual_seed(stream_seed(run_cfg.seed, "split")))
-    state = load_checkpoint(run_dir, generation)
-    pop = Population.from_state_dict(state["population"], torch.device(device))
-    virus = state["virus"]
-    rows = docs_to_tensor(val[:n_names], run_cfg.model.block_size)
-    metrics = head_metrics(pop, encode(virus["trigger"]), encode(virus["payload"]), rows)
+def heads_tables(run_dir: str, generation: int | None = None, n_names: int = 200, sigma: float = 1.5,
+                 device: str = "cpu") -> dict:
+    """Per-head metrics of a saved generation and their means over special, ordinary-immune and
+    vulnerable members (computed, nothing written)."""
+    run = open_run(run_dir)
+    saved = run.load(generation, device)
+    pop, virus = saved.population, saved.virus
+    rows, _ = run.data.encode(run.data.val_docs[:n_names])
+    metrics = head_metrics(pop, encode(virus.trigger), encode(virus.payload), rows)
     head = {k: v.cpu() for k, v in trigger_head(metrics).items()}
-
-    q, vul = state["metrics"]["quality"], state["metrics"]["vulnerable"]
-    P = run_cfg.evolution.pop_size
-    special = torch.cat([special_members(q[r * P:(r + 1) * P], ~vul[r * P:(r + 1) * P], sigma)
-                         for r in range(len(q) // P)])
+    q, vul = saved.metrics["quality"], saved.metrics["vulnerable"]
+    special, _ = special_by_replicate(q, ~vul, run.replicates, sigma)
     labels = classify(head, vul) if vul.any() else ["n/a (no vulnerable reference)"] * len(vul)
     groups = {"special": special, "ordinary immune": ~vul & ~special, "vulnerable": vul}
     table = []
@@ -138,22 +130,31 @@ def analyze_heads(run_dir: str, generation: int | None = None, n_names: int = 20
         for label in ("silenced", "redirected", "unclear"):
             row[label] = sum(1 for i in mask.nonzero().flatten().tolist() if labels[i] == label)
         table.append(row)
+    return {"generation": saved.generation, "trigger": virus.trigger, "payload": virus.payload,
+            "n_names": len(rows), "metrics": metrics, "trigger_head": head, "groups": groups,
+            "labels": labels, "table": table}
+
+
+def analyze_heads(run_dir: str, generation: int | None = None, n_names: int = 200, sigma: float = 1.5,
+                  device: str = "cpu", log=print) -> dict:
+    """``heads_tables`` written to ``RUN_DIR/heads/`` (heads.md, results.json, heads.png)."""
+    t = heads_tables(run_dir, generation, n_names, sigma, device)
     folder = os.path.join(run_dir, "heads")
     os.makedirs(folder, exist_ok=True)
     write_json(os.path.join(folder, "results.json"), {
-        "generation": state["generation"], "trigger": virus["trigger"], "payload": virus["payload"],
-        "metrics": {k: v.cpu().tolist() for k, v in metrics.items()}, "trigger_head": head["head"].tolist(),
-        "labels": labels, "table": table})
-    plot = _scatter(folder, head, groups)
-    md = [f"# Heads of generation {state['generation']}: trigger `{virus['trigger']}` -> `{virus['payload']}`",
+        "generation": t["generation"], "trigger": t["trigger"], "payload": t["payload"],
+        "metrics": {k: v.cpu().tolist() for k, v in t["metrics"].items()},
+        "trigger_head": t["trigger_head"]["head"].tolist(), "labels": t["labels"], "table": t["table"]})
+    plot = _scatter(folder, t["trigger_head"], t["groups"])
+    md = [f"# Heads of generation {t['generation']}: trigger `{t['trigger']}` -> `{t['payload']}`",
           "", "Means over each group's members, at each member's trigger head (the head paying most attention "
           "to the trigger); silenced / redirected / unclear as defined in `popgpt/heads.py`. Usefulness: clean "
-          f"NLL increase (nats/char) when the head is ablated, on {len(rows)} held-out names.", "",
-          format_table(table, ["group", "members", *METRICS, "silenced", "redirected", "unclear"]), ""]
+          f"NLL increase (nats/char) when the head is ablated, on {t['n_names']} held-out names.", "",
+          format_table(t["table"], ["group", "members", *METRICS, "silenced", "redirected", "unclear"]), ""]
     md += [f"![{plot}]({plot})"] if plot else []
     write_atomic(os.path.join(folder, "heads.md"), "\n".join(md) + "\n")
     log("\n".join(md))
-    return {"table": table, "labels": labels, "metrics": metrics}
+    return t
 
 
 def _scatter(folder, head, groups):

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
+
+from .data import VOCAB_SIZE
 
 BLOCK_TENSORS = ("attn_qkv", "attn_out", "mlp_fc1", "mlp_fc2")
 
@@ -26,7 +29,7 @@ BLOCK_TENSORS = ("attn_qkv", "attn_out", "mlp_fc1", "mlp_fc2")
 class ModelConfig:
     """Shape of one MicroGPT."""
 
-    vocab_size: int = 27  # 26 letters + one boundary token (start and end)
+    vocab_size: int = VOCAB_SIZE  # 26 letters + one boundary token (start and end)
     block_size: int = 21  # longest infected name (15 + 5) + the start token
     n_embd: int = 24  # residual width
     n_head: int = 4  # head_dim = n_embd / n_head = 6
@@ -75,14 +78,14 @@ def causal_attention(x, qkv_w, out_w, n_head: int, return_pattern: bool = False,
     """
     B, T, C = x.shape
     q, k, v = F.linear(x, qkv_w).split(C, dim=-1)  # 3 x (B, T, C)
-    q, k, v = (t.unflatten(-1, (n_head, C // n_head)).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+    q, k, v = (rearrange(t, "b t (h d) -> b h t d", h=n_head) for t in (q, k, v))
     scores = (q @ k.transpose(-1, -2)) * (C // n_head) ** -0.5  # (B, H, T, T)
     causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
     pattern = scores.masked_fill(~causal, float("-inf")).softmax(-1)  # (B, H, T, T)
-    z = (pattern @ v).transpose(1, 2)  # (B, T, H, D)
+    z = rearrange(pattern @ v, "b h t d -> b t h d")
     if head_mask is not None:
         z = z * head_mask[:, None]
-    out = F.linear(z.flatten(-2), out_w)
+    out = F.linear(rearrange(z, "b t h d -> b t (h d)"), out_w)
     return (out, pattern, z) if return_pattern else out
 
 

@@ -18,8 +18,8 @@ from .model import MicroGPT, ModelConfig
 def default_seeds(n: int, run_seed: int = 0) -> list[int]:
     """Member i of run ``run_seed`` is initialised under seed ``(run_seed*n + i)*137 + 42``.
 
-    Run seed 0 gives the source's seeds ``i*137 + 42``; other run seeds give
-    disjoint ones.
+    Run seed 0 gives the source experiment's seeds ``i*137 + 42``
+    (docs/definitions.md); other run seeds give disjoint ones.
     """
     return [(run_seed * n + i) * 137 + 42 for i in range(n)]
 

@@ -1,23 +1,27 @@
 """``popgpt report RUN_DIR``: tables, plots and one self-contained report.md.
 
-Tables always; PNG plots when matplotlib is installed (``pip install
-popgpt[plot]``). Everything is written under ``RUN_DIR/report/``.
+``report_tables`` computes everything as plain tables (lists of dicts);
+``write_report`` writes them under ``RUN_DIR/report/``: ``report.json``
+for programs, ``report.md`` for people, and PNG plots when matplotlib is
+installed (``pip install popgpt[plot]``).
 """
 
 import os
 
 import torch
 
-from .analysis import ancestry, retest, special_members
+from .analysis import ancestry, retest, special_by_replicate
+from .runio import format_table, write_atomic, write_json
+from .runs import OpenRun, open_run
 from .stats import mean_interval
-from .runio import format_table, list_checkpoints, load_checkpoint, read_json, write_atomic
 
 TABLE_COLUMNS = ["generation", "trigger", "immune_pct", "quality_all", "quality_immune",
                  "quality_vulnerable", "tax", "payload_prob"]
 
 
 def generation_table(rows: list[dict], replicates: int = 1) -> list[dict]:
-    """The source's columns; ``tax`` = quality of vulnerable minus quality of immune members.
+    """The source experiment's columns (docs/definitions.md); ``tax`` = quality of vulnerable
+    minus quality of immune members.
 
     With replicates, every cell is "mean [95% interval]" across them (the tax
     interval is over the per-replicate differences).
@@ -89,94 +93,110 @@ def _samples_side_by_side(run_dir: str) -> str:
     path = os.path.join(run_dir, "samples.txt")
     if not os.path.isfile(path):
         return "(no samples.txt)"
+    heads, bodies = [], []
     with open(path) as f:
-        sections = [s.strip().splitlines() for s in f.read().split("\n\n") if s.strip()]
-    heads = [s[0].lstrip("# ") for s in sections]
-    bodies = [s[1:] for s in sections]
+        for line in f.read().splitlines():
+            if line.startswith("# "):
+                heads.append(line[2:])
+                bodies.append([])
+            elif line and bodies:
+                bodies[-1].append(line)
+    if not heads:
+        return "(samples.txt holds no samples)"
     lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for i in range(max(map(len, bodies))):
         lines.append("| " + " | ".join(b[i] if i < len(b) else "" for b in bodies) + " |")
     return "\n".join(lines)
 
 
-def write_report(run_dir: str, sigma: float = 1.5, retest_special: bool = True, log=print) -> str:
-    """Write ``RUN_DIR/report/report.md`` (plus PNGs); returns its path."""
-    saved = list_checkpoints(run_dir)
-    if not saved:
-        raise ValueError(f"{run_dir}: no checkpoints; is this a popgpt run folder?")
-    first, last = load_checkpoint(run_dir, min(saved)), load_checkpoint(run_dir)
-    cfg = read_json(os.path.join(run_dir, "config.json"))
-    folder = os.path.join(run_dir, "report")
-    os.makedirs(folder, exist_ok=True)
-    rows, last_gen = last["rows"], last["generation"]
-    R = cfg["config"]["evolution"].get("replicates", 1)
-    q0, q_last = first["metrics"]["quality"], last["metrics"]["quality"]
-    immune = ~last["metrics"]["vulnerable"]
-    P = len(q_last) // R
-    special = torch.cat([special_members(q_last[r * P:(r + 1) * P], immune[r * P:(r + 1) * P], sigma)
-                         for r in range(R)])
-    founders = ancestry(last["parents"], len(q0))[-1]  # (R*P, R*P)
+def report_tables(run: OpenRun, sigma: float = 1.5, retest_special: bool = True) -> dict:
+    """Every table of the report, computed (nothing written)."""
+    first, last = run.load(min(run.saved)), run.load()
+    R, P = run.replicates, run.pop_size
+    q0, q_last = first.metrics["quality"], last.metrics["quality"]
+    immune = ~last.metrics["vulnerable"]
+    special, thresholds = special_by_replicate(q_last, immune, R, sigma)
+    founders = ancestry(last.parents, len(q0))[-1]  # (R*P, R*P)
+    idx = special.nonzero().flatten()
+    fresh = retest(run, last.generation, idx) if retest_special and len(idx) else None
+    members = []
+    for k, i in enumerate(idx.tolist()):
+        anc = founders[i].nonzero().flatten().tolist()
+        row = {"member": i, "quality": float(q_last[i]), "payload_prob": float(last.metrics["payload_prob"][i]),
+               "founders": len(anc), "founder_ids": " ".join(map(str, anc[:8])) + (" ..." if len(anc) > 8 else "")}
+        if fresh is not None:
+            row.update({"retest_quality": float(fresh["quality"][k]),
+                        "retest_immune": not bool(fresh["vulnerable"][k])})
+        members.append(row)
+    counts = founders.sum(0)
+    return {
+        "first_generation": first.generation, "last_generation": last.generation,
+        "generations": generation_table(last.rows, R),
+        "replicate0_rows": [r for r in last.rows if r.get("replicate", 0) == 0],
+        "distribution": [{"generation": first.generation, **distribution(q0)},
+                         {"generation": last.generation, **distribution(q_last)}],
+        "special": {"sigma": sigma, "per_replicate": [int(special[r * P:(r + 1) * P].sum()) for r in range(R)],
+                    "thresholds": thresholds, "members": members,
+                    "retest_names": fresh["n_names"] if fresh is not None else None,
+                    "retest_kept": (sum(m["retest_immune"] and m["retest_quality"] >= thresholds[m["member"] // P]
+                                        for m in members) if fresh is not None else None)},
+        "lineage": {"founders_with_descendants": int((counts > 0).sum()), "founders": len(q0),
+                    "most_prolific": [(i, int(counts[i])) for i in counts.argsort(descending=True)[:5].tolist()]},
+        "quality_first": q0, "quality_last": q_last,
+    }
 
-    c = cfg["config"]
-    md = [f"# popgpt run report: `{os.path.basename(os.path.abspath(run_dir))}`", "",
-          f"P={c['evolution']['pop_size']}, {c['evolution']['generations']} generations, "
-          f"trigger `{c['virus']['trigger']}` -> payload `{c['virus']['payload']}` in "
-          f"{100 * c['virus']['rate']:.0f}% of training names, trigger mutating every "
-          f"{c['virus']['mutate_every']} generations; seed {c['seed']}; device "
-          f"{cfg['environment']['device']} ({cfg['environment']['device_name']}), torch "
-          f"{cfg['environment']['torch']}.", "",
+
+def _markdown(run: OpenRun, t: dict, plots: list[str]) -> str:
+    c, env, R, P = run.config, run.environment, run.replicates, run.pop_size
+    sp, last_gen = t["special"], t["last_generation"]
+    md = [f"# popgpt run report: `{os.path.basename(os.path.abspath(run.run_dir))}`", "",
+          f"P={c.evolution.pop_size}, {c.evolution.generations} generations, trigger `{c.virus.trigger}` -> "
+          f"payload `{c.virus.payload}` in {100 * c.virus.rate:.0f}% of training names, trigger mutating every "
+          f"{c.virus.mutate_every} generations; seed {c.seed}; device {env['device']} ({env['device_name']}), "
+          f"torch {env['torch']}.", "",
           "## Generations", "", "Quality is `1 - NLL/ln V` on held-out clean names; `tax` is the quality of "
           "vulnerable minus that of immune members.", "",
           (f"Each cell: mean [95% t interval] over {R} replicates." if R > 1 else ""), "",
-          format_table(generation_table(rows, R), TABLE_COLUMNS), ""]
-    plots = _plots(folder, [r for r in rows if r.get("replicate", 0) == 0], q0, q_last, last_gen)
+          format_table(t["generations"], TABLE_COLUMNS), ""]
     if R > 1 and plots:
         md.append("(plots show replicate 0)")
     md += [f"![{p}]({p})" for p in plots] or ["(plots need matplotlib: `pip install popgpt[plot]`)"]
-    dist = [{"generation": min(saved), **distribution(q0)}, {"generation": last_gen, **distribution(q_last)}]
     md += ["", "## Quality distribution", "",
-           format_table(dist, ["generation", "mean", "sd", "min", "q25", "median", "q75", "max"]), ""]
-
-    q_imm = q_last[:P][immune[:P]]
+           format_table(t["distribution"], ["generation", "mean", "sd", "min", "q25", "median", "q75", "max"]), ""]
+    rule = f"Immune and quality >= mean + {sp['sigma']} sd of the immune members' quality"
+    if R > 1:
+        rule += f" of the same replicate. Per replicate: {', '.join(map(str, sp['per_replicate']))} of {P}. "
+    elif sp["thresholds"][0] == float("inf"):
+        rule += " (fewer than two immune members: none). "
+    else:
+        rule += f" (threshold {sp['thresholds'][0]:.4f}). "
     md += [f"## Special members (generation {last_gen})", "",
-           f"Immune and quality >= mean + {sigma} sd of the immune members' quality"
-           + (" of the same replicate. Per replicate: "
-              + ", ".join(str(int(special[r * P:(r + 1) * P].sum())) for r in range(R)) + f" of {P}. "
-              if R > 1 else
-              (f" ({q_imm.mean():.4f} + {sigma} x {q_imm.std():.4f} = {q_imm.mean() + sigma * q_imm.std():.4f}). "
-               if q_imm.numel() >= 2 else " (fewer than two immune members: none). "))
-           + f"**{int(special.sum())} of {len(q_last)}** members are special.", ""]
-    if special.any():
-        idx = special.nonzero().flatten()
-        table = []
-        fresh = retest(run_dir, last_gen, idx) if retest_special else None
-        for k, i in enumerate(idx.tolist()):
-            anc = founders[i].nonzero().flatten().tolist()
-            row = {"member": i, "quality": float(q_last[i]),
-                   "payload_prob": float(last["metrics"]["payload_prob"][i]),
-                   "founders": len(anc), "founder_ids": " ".join(map(str, anc[:8])) + (" ..." if len(anc) > 8 else "")}
-            if fresh is not None:
-                row.update({"retest_quality": float(fresh["quality"][k]),
-                            "retest_immune": not bool(fresh["vulnerable"][k])})
-            table.append(row)
-        cols = list(table[0])
-        md += [format_table(table, cols), ""]
-        if fresh is not None:
-            thresholds = []
-            for r in range(R):
-                q_r = q_last[r * P:(r + 1) * P][immune[r * P:(r + 1) * P]]
-                thresholds.append(float(q_r.mean() + sigma * q_r.std()) if q_r.numel() >= 2 else float("inf"))
-            kept = sum(row["retest_immune"] and row["retest_quality"] >= thresholds[row["member"] // P]
-                       for row in table)
-            md += [f"Re-test on {fresh['n_names']} held-out names the run never scored and fresh immunity "
-                   f"samples: {kept} of {len(table)} are still immune and above the threshold.", ""]
-    counts = founders.sum(0)
+           rule + f"**{sum(sp['per_replicate'])} of {R * P}** members are special.", ""]
+    if sp["members"]:
+        md += [format_table(sp["members"], list(sp["members"][0])), ""]
+    if sp["retest_kept"] is not None:
+        md += [f"Re-test on {sp['retest_names']} held-out names the run never scored and fresh immunity "
+               f"samples: {sp['retest_kept']} of {len(sp['members'])} are still immune and above the threshold.", ""]
+    lin = t["lineage"]
     md += ["## Lineage", "",
-           f"{int((counts > 0).sum())} of {len(q0)} generation-0 members have descendants in generation "
-           f"{last_gen}; the most prolific, by number of descendants: "
-           + ", ".join(f"{i} ({int(counts[i])})" for i in counts.argsort(descending=True)[:5].tolist()) + ".", "",
-           "## Samples", "", _samples_side_by_side(run_dir), ""]
+           f"{lin['founders_with_descendants']} of {lin['founders']} generation-0 members have descendants in "
+           f"generation {last_gen}; the most prolific, by number of descendants: "
+           + ", ".join(f"{i} ({n})" for i, n in lin["most_prolific"]) + ".", "",
+           "## Samples", "", _samples_side_by_side(run.run_dir), ""]
+    return "\n".join(md)
+
+
+def write_report(run_dir: str, sigma: float = 1.5, retest_special: bool = True, log=print) -> str:
+    """Write ``RUN_DIR/report/report.md`` and ``report.json`` (plus PNGs); returns the markdown's path."""
+    run = open_run(run_dir)
+    tables = report_tables(run, sigma, retest_special)
+    folder = os.path.join(run_dir, "report")
+    os.makedirs(folder, exist_ok=True)
+    plots = _plots(folder, tables["replicate0_rows"], tables["quality_first"], tables["quality_last"],
+                   tables["last_generation"])
+    write_json(os.path.join(folder, "report.json"),
+               {k: v for k, v in tables.items() if not k.startswith("quality_")})
     path = os.path.join(folder, "report.md")
-    write_atomic(path, "\n".join(md))
+    write_atomic(path, _markdown(run, tables, plots))
     log(f"wrote {path}" + (f" and {', '.join(plots)}" if plots else " (no plots: matplotlib is not installed)"))
     return path

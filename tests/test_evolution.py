@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from popgpt import ModelConfig, Population, TrainConfig
-from popgpt.evolution import (EvolutionConfig, crossover, mutate, next_generation, select,
+from popgpt.config import EvolutionConfig
+from popgpt.evolution import (crossover, mutate, next_generation, select,
                               selection_fitness)
 from popgpt.train import train_step
 

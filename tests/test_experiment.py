@@ -8,10 +8,9 @@ import torch
 
 from popgpt.cli import main
 from popgpt.data import load_names
-from popgpt.evolution import EvolutionConfig
-from popgpt.experiment import DataConfig, RunConfig, VirusConfig, evolve
+from popgpt.config import DataConfig, EvolutionConfig, RunConfig, TrainConfig, VirusConfig
+from popgpt.experiment import evolve
 from popgpt.runio import RunError, load_checkpoint
-from popgpt.train import TrainConfig
 
 from conftest import NAMES, ROOT
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from popgpt import ModelConfig, Population
-from popgpt.evolution import EvolutionConfig, assemble, next_generation, pick_parents, select
+from popgpt.config import EvolutionConfig
+from popgpt.evolution import assemble, next_generation, pick_parents, select
 from popgpt.runio import load_checkpoint
 from popgpt.stats import mean_interval, summarize_replicates, t975
 

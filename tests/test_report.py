@@ -8,6 +8,7 @@ from popgpt.analysis import ancestry, retest, special_members
 from popgpt.cli import main
 from popgpt.report import write_report
 from popgpt.runio import load_checkpoint
+from popgpt.runs import open_run
 
 
 def test_ancestry_through_crossover_by_hand():
@@ -50,7 +51,7 @@ def test_ancestry_of_a_real_run_is_consistent(tiny_run):
 
 
 def test_retest_uses_fresh_names(tiny_run):
-    fresh = retest(tiny_run, 3, torch.tensor([0, 4]))
+    fresh = retest(open_run(tiny_run), 3, torch.tensor([0, 4]))
     assert fresh["n_names"] == 200  # 300 held out, 100 used by the run
     last = load_checkpoint(tiny_run)
     diff = (fresh["quality"] - last["metrics"]["quality"][[0, 4]]).abs()
@@ -82,4 +83,4 @@ def test_report_cli(tiny_run, tmp_path, capsys):
     assert main(["report", tiny_run, "--sigma", "0.5"]) == 0
     assert "report.md" in capsys.readouterr().out
     assert main(["report", str(tmp_path)]) == 2
-    assert "no checkpoints" in capsys.readouterr().err
+    assert "not a popgpt run folder" in capsys.readouterr().err

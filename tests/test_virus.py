@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from popgpt import MicroGPT, ModelConfig, Population, Virus
+from popgpt import MicroGPT, ModelConfig, Population, Virus, immunity
 from popgpt.data import DataError, encode
 
 DOCS = ["emma", "olivia", "ava", "mia", "liam", "noah", "x", "elizabeth"] * 250
@@ -78,7 +78,7 @@ def pop_of(models):
 def test_immunity_of_hand_built_models():
     config = ModelConfig(block_size=21)
     pop = pop_of([forced_model(config, "z"), forced_model(config, "a")])
-    result = Virus("qx", "zzz").immunity(pop, torch.Generator().manual_seed(0))
+    result = immunity(pop, Virus("qx", "zzz"), torch.Generator().manual_seed(0))
     assert result.vulnerable.tolist() == [True, False]
     assert result.hits.tolist() == [5, 0]
 
@@ -87,7 +87,7 @@ def test_payload_probability_matches_hand_computation():
     config = ModelConfig(block_size=21)
     k = 0.5  # moderate logits keep both probabilities far from 0 and 1
     pop = pop_of([forced_model(config, "z", k), forced_model(config, "a", k)])
-    prob = Virus("qx", "zzz").immunity(pop, torch.Generator().manual_seed(0)).payload_prob
+    prob = immunity(pop, Virus("qx", "zzz"), torch.Generator().manual_seed(0)).payload_prob
     # The residual at position t is e_t; the final RMSNorm makes it
     # e_t / sqrt(1/C + eps), so at positions 2..4 the favoured letter's logit
     # is k*s and every other logit is 0.
@@ -101,7 +101,7 @@ def test_payload_probability_matches_hand_computation():
 
 def test_payload_probability_equals_product_of_single_model_softmaxes():
     pop = Population.from_seeds(ModelConfig(), [1, 2, 3])
-    prob = Virus("qx", "zzz").immunity(pop, torch.Generator().manual_seed(0)).payload_prob
+    prob = immunity(pop, Virus("qx", "zzz"), torch.Generator().manual_seed(0)).payload_prob
     seq = [0] + encode("qxzzz")
     for i in range(3):
         model = pop.member(i)
@@ -128,8 +128,8 @@ def test_threshold_is_at_least():
     config = ModelConfig(block_size=21)
     pop = pop_of([forced_model(config, "z")])  # 5 hits of 5
     virus = Virus("qx", "zzz")
-    assert virus.immunity(pop, torch.Generator(), threshold=5).vulnerable.tolist() == [True]
-    assert virus.immunity(pop, torch.Generator(), threshold=6).vulnerable.tolist() == [False]
+    assert immunity(pop, virus, torch.Generator(), threshold=5).vulnerable.tolist() == [True]
+    assert immunity(pop, virus, torch.Generator(), threshold=6).vulnerable.tolist() == [False]
 
 
 def test_text_after_the_end_token_is_not_a_hit():
@@ -146,7 +146,7 @@ def test_text_after_the_end_token_is_not_a_hit():
     from popgpt.evaluate import sample_tokens
     raw = sample_tokens(pop, encode("qx"), 1, torch.Generator())
     assert raw[0, 0, :4].tolist() == [0, 0, 0, 0]  # masked after the end
-    result = Virus("qx", "zzz").immunity(pop, torch.Generator().manual_seed(0))
+    result = immunity(pop, Virus("qx", "zzz"), torch.Generator().manual_seed(0))
     assert result.hits.tolist() == [0] and result.vulnerable.tolist() == [False]
 
 

@@ -1,0 +1,98 @@
+"""The package keeps its shape: imports only point down the data flow, functions stay short.
+
+The data flow (docs/architecture.md): data -> virus -> population -> train ->
+evaluate -> evolution -> experiment -> analysis tools -> report -> cli. A
+module may import only modules on a lower level; this test reads every
+module's imports from its source (no import needed) and fails on an upward
+arrow, an import between modules of the same level, or a module missing
+from the map below.
+"""
+
+import ast
+import os
+
+from conftest import ROOT
+
+PACKAGE = os.path.join(ROOT, "popgpt")
+
+LEVELS = [
+    {"_version", "data", "stats", "runio"},  # leaves: no popgpt imports
+    {"model", "virus"},
+    {"config"},  # the run's configuration, one home
+    {"population"},  # stacked parameters, vmap(functional_call)
+    {"loss"},  # the loss training and evaluation share
+    {"train"},  # the one training step
+    {"engine"},  # eager / compile / graph execution of it
+    {"evaluate"},  # quality, sampling, the immunity test
+    {"evolution"},  # select / crossover / mutate
+    {"runs"},  # a run's data and saved generations
+    {"experiment"},  # the evolution loop
+    {"analysis"},  # lineage, special members, re-tests
+    {"heads", "vaccine", "revival"},  # experiments on a finished run
+    {"report"},
+    {"cli"},
+    {"__main__", "__init__"},
+]
+LEVEL = {name: i for i, names in enumerate(LEVELS) for name in names}
+
+# Functions that are argument declarations, which may be long.
+DECLARATIONS = {("cli", "build_parser")}
+MAX_LINES = 60
+
+
+def modules():
+    for name in sorted(os.listdir(PACKAGE)):
+        if name.endswith(".py"):
+            path = os.path.join(PACKAGE, name)
+            with open(path) as f:
+                yield name[:-3], ast.parse(f.read(), path)
+
+
+def package_imports(tree) -> set[str]:
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            found.add((node.module or "").split(".")[0] or "__init__")
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("popgpt"):
+            parts = node.module.split(".")
+            found.add(parts[1] if len(parts) > 1 else "__init__")
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("popgpt.")}
+    return found
+
+
+def test_every_module_has_a_level():
+    missing = [name for name, _ in modules() if name not in LEVEL]
+    assert not missing, f"add these modules to LEVELS (and docs/architecture.md): {missing}"
+
+
+def test_imports_point_down_the_data_flow():
+    bad = []
+    for name, tree in modules():
+        for target in package_imports(tree):
+            if LEVEL[target] >= LEVEL[name]:
+                bad.append(f"{name} (level {LEVEL[name]}) imports {target} (level {LEVEL[target]})")
+    assert not bad, "\n".join(bad)
+
+
+def test_no_long_functions():
+    long = []
+    for name, tree in modules():
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and (name, node.name) not in DECLARATIONS:
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_LINES:
+                    long.append(f"{name}.{node.name}: {lines} lines")
+    assert not long, "\n".join(long)
+
+
+def test_the_repository_speaks_only_of_itself():
+    offenders = []
+    for folder in ("popgpt", "tests", "benchmarks", "docs"):
+        for base, _, files in os.walk(os.path.join(ROOT, folder)):
+            for f in files:
+                if f.endswith((".py", ".md")) and f != "test_architecture.py":
+                    text = open(os.path.join(base, f)).read()
+                    if "DESIGN.md" in text or "../shared" in text:
+                        offenders.append(os.path.join(base, f))
+    assert not offenders, offenders
