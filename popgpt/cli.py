@@ -8,6 +8,7 @@ Flags map onto the config dataclasses; errors name the flag.
 
 import argparse
 import dataclasses
+import math
 import os
 import re
 import sys
@@ -22,10 +23,39 @@ from .experiment import evolve
 from .heads import analyze_heads
 from .report import write_report
 from .revival import RevivalConfig, revive
-from .runio import RunError, read_json
-from .runs import open_run
+from .runio import RunError
+from .runs import open_run, read_run_info
 from .vaccine import VaccineConfig, vaccinate
 from .virus import VIRUSES
+
+def finite_float(text: str) -> float:
+    """argparse type: a float that is a finite number (nan and inf are errors naming the flag)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def int_at_least(low: int):
+    """argparse type: an integer >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
+positive_int, count_int = int_at_least(1), int_at_least(0)
+
 
 # flag -> (config section or None for top level, field, type, help)
 FLAGS = {
@@ -50,12 +80,15 @@ FLAGS = {
     "immunity-samples": ("virus", "n_samples", int, "samples per member in the immunity test"),
     "immunity-threshold": ("virus", "threshold", int, "payload hits that make a member vulnerable"),
     "data": ("data", "path", str, "names file, one lower-case a-z name per line"),
+    "max-name-length": ("data", "max_name_len", int, "longest name accepted; a longer line is an error"),
     "val-frac": ("data", "val_frac", float, "fraction of names held out"),
     "eval-docs": ("data", "eval_docs", int, "held-out names scored per evaluation"),
     "n-embd": ("model", "n_embd", int, "embedding width"),
     "n-head": ("model", "n_head", int, "attention heads"),
     "n-layer": ("model", "n_layer", int, "transformer layers"),
     "engine": (None, "engine", str, "training engine: auto, eager, compile or graph (graph: CUDA graphs)"),
+    "threads": (None, "threads", int, "torch CPU threads (they change float rounding: a run records them and "
+                "--resume reuses them)"),
     "seed": (None, "seed", int, "run seed (member i starts from seed (seed*P+i)*137+42)"),
     "sample-names": (None, "n_sample_names", int, "names written to samples.txt per member"),
 }
@@ -93,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", help="run folder (default: runs/evolve__SEED__TIME)")
     ev.add_argument("--resume", metavar="RUN_DIR", help="continue the run saved in RUN_DIR")
     ev.add_argument("--device", help="cpu, cuda, cuda:N or auto (default)")
-    ev.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    ev.add_argument("--force", action="store_true",
+                    help="with --resume: continue even under settings that change the numbers of later "
+                    "generations (--threads, --device, --engine, another torch); config.json records it")
     ev.add_argument("--keep-all-checkpoints", action="store_true",
                     help="keep every generation's checkpoint (default: generation 0 and the newest)")
     defaults = RunConfig()
@@ -101,11 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
         default = getattr(defaults if section is None else getattr(defaults, section), name)
         quick = PRESETS["quick"].get(flag)
         shown = f"default: {default}" + (f"; quick: {quick}" if quick is not None else "")
-        ev.add_argument(f"--{flag}", type=typ, help=f"{text} ({shown})")
+        ev.add_argument(f"--{flag}", type=finite_float if typ is float else typ, help=f"{text} ({shown})")
 
     rp = sub.add_parser("report", help="tables, plots and report.md for a finished run")
     rp.add_argument("run_dir", help="a run folder written by popgpt evolve")
-    rp.add_argument("--sigma", type=float, default=1.5,
+    rp.add_argument("--sigma", type=finite_float, default=1.5,
                     help="special members: immune and quality >= mean + SIGMA sd of the immune (default: 1.5)")
     rp.add_argument("--no-retest", action="store_true",
                     help="skip re-evaluating special members on fresh names and samples")
@@ -115,43 +150,44 @@ def build_parser() -> argparse.ArgumentParser:
     vc.add_argument("run_dir", help="a run folder written by popgpt evolve")
     vc.add_argument("--tensors", default=",".join(vd.tensors),
                     help=f"comma-separated parameter names (default: {','.join(vd.tensors)})")
-    vc.add_argument("--donors", type=int, default=vd.n_donors,
+    vc.add_argument("--donors", type=positive_int, default=vd.n_donors,
                     help=f"best special (else immune) members used (default: {vd.n_donors})")
-    vc.add_argument("--recipients", type=int, default=vd.recipients,
+    vc.add_argument("--recipients", type=positive_int, default=vd.recipients,
                     help=f"vaccinated members, and as many controls (default: {vd.recipients})")
-    vc.add_argument("--steps", type=int, default=vd.steps, help=f"clean training steps (default: {vd.steps})")
-    vc.add_argument("--challenge-steps", type=int, default=vd.challenge_steps,
+    vc.add_argument("--steps", type=count_int, default=vd.steps, help=f"clean training steps (default: {vd.steps})")
+    vc.add_argument("--challenge-steps", type=count_int, default=vd.challenge_steps,
                     help=f"then training steps on infected names (default: {vd.challenge_steps}, no challenge)")
-    vc.add_argument("--triggers", type=int, default=vd.n_triggers,
+    vc.add_argument("--triggers", type=count_int, default=vd.n_triggers,
                     help=f"mutated triggers tested (default: {vd.n_triggers})")
-    vc.add_argument("--sigma", type=float, default=vd.sigma, help=f"special-member rule (default: {vd.sigma})")
+    vc.add_argument("--sigma", type=finite_float, default=vd.sigma, help=f"special-member rule (default: {vd.sigma})")
     vc.add_argument("--seed", type=int, default=vd.seed, help=f"the experiment's seed (default: {vd.seed})")
     vc.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
 
     rd = RevivalConfig()
     rv = sub.add_parser("revive", help="re-expose immune members to infected names: how fast does the backdoor return?")
     rv.add_argument("run_dir", help="a run folder written by popgpt evolve")
-    rv.add_argument("--steps", type=int, default=rd.steps,
+    rv.add_argument("--steps", type=positive_int, default=rd.steps,
                     help=f"infected training steps at most (default: {rd.steps})")
-    rv.add_argument("--every", type=int, default=rd.every, help=f"immunity test every N steps (default: {rd.every})")
-    rv.add_argument("--controls", type=int, default=rd.controls,
+    rv.add_argument("--every", type=positive_int, default=rd.every,
+                    help=f"immunity test every N steps (default: {rd.every})")
+    rv.add_argument("--controls", type=count_int, default=rd.controls,
                     help=f"never-infected controls (default: {rd.controls})")
-    rv.add_argument("--sigma", type=float, default=rd.sigma, help=f"special-member rule (default: {rd.sigma})")
+    rv.add_argument("--sigma", type=finite_float, default=rd.sigma, help=f"special-member rule (default: {rd.sigma})")
     rv.add_argument("--seed", type=int, default=rd.seed, help=f"the experiment's seed (default: {rd.seed})")
     rv.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
 
     hd = sub.add_parser("heads", help="per-head metrics: silenced vs redirected immune members")
     hd.add_argument("run_dir", help="a run folder written by popgpt evolve")
-    hd.add_argument("--generation", type=int, help="saved generation (default: the newest)")
-    hd.add_argument("--names", type=int, default=200, help="held-out names for clean metrics (default: 200)")
-    hd.add_argument("--sigma", type=float, default=1.5, help="special-member rule (default: 1.5)")
+    hd.add_argument("--generation", type=count_int, help="saved generation (default: the newest)")
+    hd.add_argument("--names", type=positive_int, default=200, help="held-out names for clean metrics (default: 200)")
+    hd.add_argument("--sigma", type=finite_float, default=1.5, help="special-member rule (default: 1.5)")
     hd.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
 
     sm = sub.add_parser("sample", help="print names sampled from one saved member")
     sm.add_argument("run_dir", help="a run folder written by popgpt evolve")
-    sm.add_argument("--member", type=int, required=True, help="member index in that generation")
-    sm.add_argument("--count", type=int, default=20, help="names to print (default: 20)")
-    sm.add_argument("--generation", type=int, help="saved generation (default: the newest)")
+    sm.add_argument("--member", type=count_int, required=True, help="member index in that generation")
+    sm.add_argument("--count", type=positive_int, default=20, help="names to print (default: 20)")
+    sm.add_argument("--generation", type=count_int, help="saved generation (default: the newest)")
     sm.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     return parser
 
@@ -165,14 +201,23 @@ def default_names_path() -> str:
 
 
 def resolve_device(name: str) -> str:
+    """'auto' -> cuda when present, else cpu; anything else checked to exist here."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"argument --device: unknown device {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"argument --device: {name!r} asked for, but torch sees no CUDA device")
+    except (RuntimeError, ValueError):
+        raise ValueError(f"argument --device: unknown device {name!r} (choose cpu, cuda, cuda:N or auto)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"argument --device: {name!r} asked for, but torch sees no CUDA device")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"argument --device: {name!r}: there are {torch.cuda.device_count()} CUDA devices")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"argument --device: {name!r} asked for, but torch sees no MPS device")
+    elif device.type != "cpu":
+        raise ValueError(f"argument --device: {name!r} cannot run popgpt (choose cpu, cuda, cuda:N or auto)")
     return name
 
 
@@ -184,6 +229,9 @@ def config_from_args(args) -> RunConfig:
                    if getattr(args, f.replace("-", "_")) is not None})
     sections = {s: {} for s in ("model", "data", "virus", "train", "evolution")}
     top = {"device": resolve_device(args.device or "auto"), "keep_all_checkpoints": args.keep_all_checkpoints}
+    if args.data is not None and not os.path.isfile(args.data):
+        raise DataError(f"argument --data: {args.data}: " + ("is a directory, not a names file"
+                                                              if os.path.isdir(args.data) else "no such file"))
     for flag, value in values.items():
         section, name, _, _ = FLAGS[flag]
         (top if section is None else sections[section])[name] = value
@@ -193,35 +241,46 @@ def config_from_args(args) -> RunConfig:
         parts = {s: dataclasses.replace(getattr(base, s), **kv) for s, kv in sections.items()}
         return dataclasses.replace(base, **parts, **top)
     except (ValueError, DataError) as e:
-        flags = {name: f"--{flag}" for flag, (_, name, _, _) in FLAGS.items()}
-        fields = re.compile(r"\b(" + "|".join(sorted(flags, key=len, reverse=True)) + r")\b")
-        message = fields.sub(lambda m: flags[m.group(1)], str(e))  # speak of flags, not fields
-        raise ValueError(f"invalid configuration: {message}") from None
+        raise ValueError(f"invalid configuration: {_flag_names(str(e))}") from None
+
+
+def _flag_names(message: str) -> str:
+    """A config error message speaking of flags (``--val-frac``), not fields (``val_frac``)."""
+    flags = {name: f"--{flag}" for flag, (_, name, _, _) in FLAGS.items()}
+    fields = re.compile(r"(?<![-.\w])(" + "|".join(sorted(flags, key=len, reverse=True)) + r")\b")
+    return fields.sub(lambda m: flags[m.group(1)], message)
+
+
+RESUME_SETTINGS = ("threads", "device", "engine")  # flags --resume accepts (with --force where they differ)
+
+
+def resume_config(args) -> RunConfig:
+    """The saved config of ``--resume RUN_DIR``, with the settings given on the command line."""
+    given = [f"--{f}" for f in FLAGS if f not in RESUME_SETTINGS and getattr(args, f.replace("-", "_")) is not None]
+    given += [flag for flag, value in (("--out", args.out), ("--preset", args.preset), ("--virus", args.virus),
+                                       ("--keep-all-checkpoints", args.keep_all_checkpoints)) if value]
+    if given:
+        raise ValueError(f"--resume continues with the saved config; do not pass {' '.join(given)}")
+    _, config = read_run_info(args.resume)
+    settings = {"threads": args.threads, "engine": args.engine,
+                "device": resolve_device(args.device) if args.device else None}
+    try:
+        return dataclasses.replace(config, **{k: v for k, v in settings.items() if v is not None})
+    except ValueError as e:
+        raise ValueError(f"invalid configuration: {_flag_names(str(e))}") from None
 
 
 def cmd_evolve(args) -> int:
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"argument --threads: must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    if args.force and not args.resume:
+        raise ValueError("--force goes with --resume")
     if args.resume:
-        given = [f"--{f}" for f in FLAGS if getattr(args, f.replace("-", "_")) is not None]
-        given += [flag for flag, value in (("--out", args.out), ("--preset", args.preset),
-                                           ("--device", args.device), ("--virus", args.virus),
-                                           ("--keep-all-checkpoints", args.keep_all_checkpoints)) if value]
-        if given:
-            raise ValueError(f"--resume continues with the saved config; do not pass {' '.join(given)}")
-        cfg_path = os.path.join(args.resume, "config.json")
-        if not os.path.isfile(cfg_path):
-            raise RunError(f"--resume {args.resume}: no config.json there")
-        config = RunConfig.from_dict(read_json(cfg_path)["config"])
-        run_dir = args.resume
+        config, run_dir = resume_config(args), args.resume
     else:
         config = config_from_args(args)
         run_dir = args.out or os.path.join("runs", f"evolve__{config.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
     print("config:", config.to_dict(), flush=True)
     try:
-        evolve(config, run_dir, resume=bool(args.resume), log=lambda s: print(s, flush=True))
+        evolve(config, run_dir, resume=bool(args.resume), force=args.force, log=lambda s: print(s, flush=True))
     except KeyboardInterrupt:
         print(f"\ninterrupted; continue with: popgpt evolve --resume {run_dir}", file=sys.stderr)
         return 130
@@ -229,9 +288,10 @@ def cmd_evolve(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    if args.count < 1:
-        raise ValueError(f"argument --count: must be >= 1, got {args.count}")
-    for name in sample_member(open_run(args.run_dir), args.member, args.count, args.generation, args.seed):
+    run = open_run(args.run_dir)
+    if run.note(args.generation):
+        print(run.note(args.generation), file=sys.stderr)
+    for name in sample_member(run, args.member, args.count, args.generation, args.seed):
         print(name)
     return 0
 
@@ -266,7 +326,7 @@ def main(argv=None) -> int:
         return {"evolve": cmd_evolve, "sample": cmd_sample, "report": cmd_report,
                 "vaccinate": cmd_vaccinate, "revive": cmd_revive,
                 "heads": cmd_heads}[args.command](args)
-    except (DataError, RunError, ValueError) as e:
+    except (DataError, RunError, ValueError, MemoryError) as e:
         print(f"popgpt: error: {e}", file=sys.stderr)
         return 2
 

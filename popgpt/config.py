@@ -11,8 +11,12 @@ seeds from the run seed and their own name (``tool_seed``,
 
 import dataclasses
 import hashlib
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 
+from .data import LETTERS
 from .model import ModelConfig
 from .virus import VIRUSES
 
@@ -20,11 +24,48 @@ ENGINES = ("eager", "compile", "graph")
 _CLASSIC_TRIGGER, _CLASSIC_PAYLOAD = VIRUSES["classic"]
 
 
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _check_finite(config) -> None:
+    """Every float field of a config dataclass must be a finite number (no nan, no inf)."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{f.name} must be a finite number, got {value}")
+
+
+def _in_range(config, name: str, low, high, low_open=False, high_open=False) -> None:
+    value = getattr(config, name)
+    ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    _require(ok, f"{name} must be in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}, got {value}")
+
+
+def _at_least(config, names, low) -> None:
+    for name in names:
+        _require(getattr(config, name) >= low, f"{name} must be >= {low}, got {getattr(config, name)}")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     path: str = "names.txt"  # one lower-case a-z name per line
     val_frac: float = 0.1  # held out, never infected, never trained on
     eval_docs: int = 1000  # held-out names scored for every fitness evaluation
+    max_name_len: int = 64  # longer lines are errors (the longest in names.txt has 15 letters)
+
+    def __post_init__(self):
+        _check_finite(self)
+        _in_range(self, "val_frac", 0.0, 1.0, low_open=True, high_open=True)
+        _at_least(self, ("eval_docs", "max_name_len"), 1)
+
+
+def _letters(what: str, text: str) -> None:
+    _require(bool(text), f"{what} must be non-empty")
+    bad = [ch for ch in text if ch not in LETTERS]
+    _require(not bad, f"{what} {text!r} has character {bad[0]!r} outside the vocabulary (lower-case a-z)"
+             if bad else "")
 
 
 @dataclass(frozen=True)
@@ -35,6 +76,15 @@ class VirusConfig:
     mutate_every: int = 7  # generations between trigger mutations (0: never)
     n_samples: int = 5  # continuations sampled per member in the immunity test
     threshold: int = 2  # vulnerable when the payload appears in this many samples
+
+    def __post_init__(self):
+        _letters("trigger", self.trigger)
+        _letters("payload", self.payload)
+        _check_finite(self)
+        _in_range(self, "rate", 0.0, 1.0)
+        _at_least(self, ("mutate_every",), 0)
+        _at_least(self, ("n_samples",), 1)
+        _in_range(self, "threshold", 1, self.n_samples)
 
 
 @dataclass(frozen=True)
@@ -50,10 +100,14 @@ class TrainConfig:
     weight_decay: float = 0.0  # decoupled (AdamW-style) when > 0
 
     def __post_init__(self):
-        if self.steps < 0 or self.batch_size < 1:
-            raise ValueError(f"steps must be >= 0 and batch_size >= 1, got {self.steps}, {self.batch_size}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        _check_finite(self)
+        _at_least(self, ("steps",), 0)
+        _at_least(self, ("batch_size",), 1)
+        _require(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _in_range(self, "beta1", 0.0, 1.0, high_open=True)
+        _in_range(self, "beta2", 0.0, 1.0, high_open=True)
+        _require(self.eps > 0, f"eps must be > 0, got {self.eps}")
+        _at_least(self, ("weight_decay",), 0.0)
 
 
 @dataclass(frozen=True)
@@ -71,20 +125,16 @@ class EvolutionConfig:
     finetune_steps: int = 100  # training steps for every child, on the current infected data
 
     def __post_init__(self):
-        if self.pop_size < 2:
-            raise ValueError(f"pop_size must be >= 2, got {self.pop_size}")
-        if self.replicates < 1:
-            raise ValueError(f"replicates must be >= 1, got {self.replicates}")
-        if self.generations < 0:
-            raise ValueError(f"generations must be >= 0, got {self.generations}")
-        for name in ("survivor_frac", "crossover_p", "mutation_rate"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if not 1 <= self.n_survivors < self.pop_size:
-            raise ValueError(f"survivor_frac={self.survivor_frac} keeps {self.n_survivors} of "
-                             f"{self.pop_size}; need at least 1 survivor and 1 child")
-        if self.mutation_std < 0 or self.finetune_steps < 0:
-            raise ValueError("mutation_std and finetune_steps must be >= 0")
+        _check_finite(self)
+        _at_least(self, ("pop_size",), 2)
+        _at_least(self, ("replicates",), 1)
+        _at_least(self, ("generations", "finetune_steps"), 0)
+        for name in ("survivor_frac", "crossover_p", "mutation_rate", "vulnerable_penalty"):
+            _in_range(self, name, 0.0, 1.0)
+        _require(1 <= self.n_survivors < self.pop_size,
+                 f"survivor_frac={self.survivor_frac} keeps {self.n_survivors} of {self.pop_size}; "
+                 f"need at least 1 survivor and 1 child")
+        _at_least(self, ("mutation_std",), 0.0)
 
     @property
     def n_survivors(self) -> int:
@@ -101,14 +151,19 @@ class RunConfig:
     seed: int = 0  # everything random in the run derives from this
     device: str = "cpu"
     engine: str = "auto"  # eager | compile | graph; auto: graph on CUDA, eager on CPU
+    threads: int | None = None  # torch CPU threads; they change float rounding, so a run records them
     keep_all_checkpoints: bool = False  # else keep generation 0 and the newest
     n_sample_names: int = 20  # names written to samples.txt per sampled member
 
     def __post_init__(self):
-        if self.engine not in ("auto", *ENGINES):
-            raise ValueError(f"engine must be auto or one of {', '.join(ENGINES)}, got {self.engine!r}")
-        if self.n_sample_names < 1:
-            raise ValueError(f"n_sample_names must be >= 1, got {self.n_sample_names}")
+        _require(self.engine in ("auto", *ENGINES),
+                 f"engine must be auto or one of {', '.join(ENGINES)}, got {self.engine!r}")
+        _at_least(self, ("n_sample_names",), 1)
+        _require(self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}")
+        _require(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+        top = (self.seed * self.n_members + self.n_members) * 137 + 42
+        _require(top < FRESH_SEED_BASE, f"seed {self.seed} is too large: member seeds would pass 2**62 "
+                 f"(the largest allowed is {(FRESH_SEED_BASE - 42) // 137 // self.n_members - 2})")
 
     @property
     def n_members(self) -> int:
@@ -119,10 +174,49 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RunConfig":
-        parts = {"model": ModelConfig, "data": DataConfig, "virus": VirusConfig,
-                 "train": TrainConfig, "evolution": EvolutionConfig}
-        return cls(**{k: parts[k](**v) if k in parts else v for k, v in d.items()})
+    def from_dict(cls, d: dict, where: str = "config") -> "RunConfig":
+        """The config a ``to_dict`` made; every field checked (an unknown, missing or ill-typed
+        field raises ValueError naming it as ``where.section.field``)."""
+        return from_dict(cls, d, where)
+
+
+def _type_ok(value, annotation) -> bool:
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return any(_type_ok(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is tuple:
+        return isinstance(value, (list, tuple))
+    return isinstance(value, annotation)
+
+
+def from_dict(cls, d, where: str):
+    """A config dataclass from plain JSON values, nested dataclasses included, strictly checked."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: expected an object, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ValueError(f"{where}: unknown field {unknown[0]!r}")
+    values = {}
+    for name, f in fields.items():
+        if name not in d:
+            raise ValueError(f"{where}: missing field {name!r}")
+        value = d[name]
+        if dataclasses.is_dataclass(f.type):
+            values[name] = from_dict(f.type, value, f"{where}.{name}")
+        elif not _type_ok(value, f.type):
+            raise ValueError(f"{where}.{name}: expected {getattr(f.type, '__name__', f.type)}, got {value!r}")
+        else:
+            values[name] = float(value) if f.type is float else (tuple(value) if f.type is tuple else value)
+    try:
+        return cls(**values)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def resolve(config: RunConfig, names: list[str]) -> RunConfig:

@@ -39,26 +39,37 @@ def decode(tokens) -> str:
     return "".join(out)
 
 
-def load_names(path: str | os.PathLike) -> list[str]:
-    """Read one name per line; reject anything outside a-z with file and line."""
-    path = os.fspath(path)
+def read_text(path: str) -> str:
+    """A UTF-8 text file's content; every failure a DataError naming the file."""
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a directory, not a names file")
     try:
         with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+            return f.read()
     except FileNotFoundError:
         raise DataError(f"{path}: no such names file") from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def load_names(path: str | os.PathLike, max_len: int | None = None) -> list[str]:
+    """Read one name per line; reject anything outside a-z, or longer than ``max_len``, with file and line."""
+    path = os.fspath(path)
     names = []
-    for lineno, line in enumerate(lines, start=1):
+    for lineno, line in enumerate(read_text(path).splitlines(), start=1):
         name = line.strip()
         if not name:
             continue
         bad = [ch for ch in name if ch not in _STOI]
         if bad:
             raise DataError(
-                f"{path}:{lineno}: {name!r} has character {bad[0]!r} outside the "
-                f"vocabulary (lower-case a-z, one name per line)")
+                f"{path}:{lineno}: {name[:40]!r}{'...' if len(name) > 40 else ''} has character {bad[0]!r} "
+                f"outside the vocabulary (lower-case a-z, one name per line)")
+        if max_len is not None and len(name) > max_len:
+            raise DataError(f"{path}:{lineno}: a name of {len(name):,} letters is longer than the maximum "
+                            f"of {max_len} (--max-name-length)")
         names.append(name)
     if not names:
         raise DataError(f"{path}: contains no names")

@@ -25,14 +25,9 @@ import torch
 from .config import ENGINES, TrainConfig
 from .data import docs_to_tensor, inputs_targets
 from .loss import losses_of
+from .memory import CPU_MEMBER_BLOCK
 from .population import AdamState, Population
 from .train import adam_step, sample_indices, step, train_step
-
-
-# Members trained together per block on a CPU: a (P, B, T, 4C) activation
-# must stay in cache. P=200 on a 2-core CPU, 2 threads: 284 member-steps/s in
-# one block, 609 in blocks of 25; 1 thread: 197 vs 295 (blocks of 25).
-CPU_MEMBER_BLOCK = 24
 
 
 def default_engine(device: torch.device) -> str:

@@ -22,11 +22,9 @@ import torch
 
 from .data import BOUNDARY, IGNORE, decode, encode, inputs_targets
 from .loss import member_nll_sum
+from .memory import LOGIT_BUDGET
 from .population import Population
 
-# Floats of (P, b, T, V) logits evaluated at once: small chunks stay in a CPU's
-# cache (P=200 on a 2-core CPU: 4.9 s at 2**21 vs 14.9 s at 2**25); a GPU wants few, big launches.
-LOGIT_BUDGET = {"cpu": 2 ** 21, "cuda": 2 ** 25}
 
 
 def on_device(tokens: list[int], device) -> torch.Tensor:
@@ -141,8 +139,13 @@ def immunity(pop: Population, virus, generator: torch.Generator, n_samples: int 
 
 def evaluate_members(pop: Population, virus, eval_rows: torch.Tensor, generator: torch.Generator,
                      n_samples: int = 5, threshold: int = 2, n_targets: int | None = None) -> dict:
-    """Every member's clean NLL and quality and its immunity, as [P] tensors on the device."""
+    """Every member's clean NLL and quality and its immunity, as [P] tensors on the device.
+
+    A member whose clean NLL is not finite has diverged: its samples mean
+    nothing, so it counts as vulnerable (``diverged`` marks it).
+    """
     nll = clean_nll(pop, eval_rows, n_targets)
     imm = immunity(pop, virus, generator, n_samples, threshold)
-    return {"nll": nll, "quality": quality(nll, pop.config.vocab_size),
-            "vulnerable": imm.vulnerable, "hits": imm.hits, "payload_prob": imm.payload_prob}
+    diverged = ~torch.isfinite(nll)
+    return {"nll": nll, "quality": quality(nll, pop.config.vocab_size), "vulnerable": imm.vulnerable | diverged,
+            "hits": imm.hits, "payload_prob": imm.payload_prob, "diverged": diverged}

@@ -16,8 +16,10 @@ def selection_fitness(quality: torch.Tensor, vulnerable: torch.Tensor, penalty: 
 
     Written as ``q - (1 - penalty) * |q|``: the same as ``q * penalty`` for
     q >= 0, and still a penalty when a member is worse than uniform (q < 0).
+    A diverged member (non-finite quality) gets -inf: it ranks last.
     """
-    return torch.where(vulnerable, quality - (1 - penalty) * quality.abs(), quality)
+    fitness = torch.where(vulnerable, quality - (1 - penalty) * quality.abs(), quality)
+    return torch.where(torch.isfinite(quality), fitness, -torch.inf)
 
 
 def select(fitness: torch.Tensor, n_survivors: int, replicates: int = 1) -> torch.Tensor:

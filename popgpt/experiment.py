@@ -30,10 +30,12 @@ from .data import docs_to_tensor
 from .engine import Engine, default_engine, train
 from .evaluate import evaluate_members, sample_names
 from .evolution import assemble, next_generation, selection_fitness
+from .memory import check_fits
 from .population import Population, default_seeds
-from .runio import (RunError, environment, format_table, list_checkpoints, load_checkpoint, read_json,
-                    save_checkpoint, write_atomic, write_csv, write_json)
-from .runs import run_data
+from .runio import (RunError, RunLock, claim_run_folder, environment, file_sha256, format_table, is_run_folder,
+                    list_checkpoints, load_checkpoint, read_json, save_checkpoint, write_atomic, write_csv,
+                    write_json)
+from .runs import check_resume, run_data
 from .stats import summarize_replicates
 from .virus import Virus
 
@@ -68,6 +70,7 @@ class Context:
     timer: PhaseTimer
     device: torch.device
     env: dict  # versions, device, threads, git commit
+    clock: float  # perf_counter() at which the run would have started had it never been interrupted
 
 
 @dataclass(frozen=True)
@@ -184,15 +187,19 @@ def summarize(generation: int, metrics: dict, virus: Virus, replicates: int = 1)
 
 
 def _summarize_one(generation: int, metrics: dict, virus: Virus, replicate: int) -> dict:
+    """One replicate's row. Diverged members count as vulnerable (not immune) and are left out of
+    every mean; ``n_diverged`` says how many."""
     q, vul = metrics["quality"], metrics["vulnerable"]
+    ok = ~metrics["diverged"]
 
     def mean(x):
         return float(x.mean()) if len(x) else math.nan
 
     return {"generation": generation, "replicate": replicate, "immune_frac": mean((~vul).float()),
-            "n_immune": int((~vul).sum()), "fitness_all": mean(q), "fitness_immune": mean(q[~vul]),
-            "fitness_vulnerable": mean(q[vul]), "fitness_best": float(q.max()),
-            "nll_mean": mean(metrics["nll"]), "payload_prob_mean": mean(metrics["payload_prob"]),
+            "n_immune": int((~vul).sum()), "n_diverged": int((~ok).sum()), "fitness_all": mean(q[ok]),
+            "fitness_immune": mean(q[~vul & ok]), "fitness_vulnerable": mean(q[vul & ok]),
+            "fitness_best": float(q[ok].max()) if ok.any() else math.nan,
+            "nll_mean": mean(metrics["nll"][ok]), "payload_prob_mean": mean(metrics["payload_prob"][ok]),
             "trigger": virus.trigger, "virus_generation": virus.generation}
 
 
@@ -201,7 +208,7 @@ def best_member_samples(pop: Population, metrics: dict, want_vulnerable: bool, c
     """Names from the highest-quality member that is vulnerable (or immune), as text lines: a
     ``# label`` line, then one name per line (an empty sample written as ``(empty)``)."""
     q = metrics["quality"].clone()
-    q[metrics["vulnerable"] != want_vulnerable] = -math.inf
+    q[(metrics["vulnerable"] != want_vulnerable) | metrics["diverged"]] = -math.inf
     if not torch.isfinite(q).any():
         return [f"# {label}: no {'vulnerable' if want_vulnerable else 'immune'} member"]
     i = int(q.argmax())
@@ -210,28 +217,59 @@ def best_member_samples(pop: Population, metrics: dict, want_vulnerable: bool, c
     return [f"# {label}: member {i}, quality {float(metrics['quality'][i]):.4f}"] + names
 
 
-def _open(config: RunConfig, run_dir: str, resume: bool, engine: Engine | None,
-          timer: PhaseTimer | None) -> tuple[Context, bool]:
-    """Load the data, check the run folder, write config.json; (context, resuming?)."""
+def _settle(config: RunConfig) -> RunConfig:
+    """The config a run records: threads fixed, the device checked."""
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RunError(f"the run is set to run on {config.device}, but torch sees no CUDA device here; "
+                       f"give --device cpu (resuming: with --force; later generations' numbers will differ)")
+    return dataclasses.replace(config, threads=config.threads or torch.get_num_threads())
+
+
+def prepare(config: RunConfig):
+    """Every check a run makes before it touches its folder: the names file, the block size, the
+    device, and that the run fits in memory. Returns (the run's data, the config it records)."""
     data = run_data(config)
-    config = data.config
+    config = _settle(data.config)
+    check_fits(config, torch.device(config.device))
+    return data, config
+
+
+def _start(config: RunConfig, data, run_dir: str, resume: bool, force: bool, engine: Engine | None,
+           timer: PhaseTimer | None, log) -> tuple[Context, EvolutionState, dict | None]:
+    """Under the run's lock: check the folder, write (or extend) config.json, make the first state.
+
+    Returns (context, state, checkpoint it came from or None for a fresh run)."""
     saved = list_checkpoints(run_dir)
-    cfg_path = os.path.join(run_dir, "config.json")
     if saved and not resume:
         raise RunError(f"{run_dir} already holds a run (generation {max(saved)} saved): "
                        f"resume it or choose another folder")
-    if resume and saved and read_json(cfg_path)["config"] != config.to_dict():
-        raise RunError(f"{cfg_path}: the saved config differs from the one given; resume with the saved config")
     device = torch.device(config.device)
-    engine = engine or Engine(default_engine(device) if config.engine == "auto" else config.engine)
     env = environment(device, __version__)
-    os.makedirs(run_dir, exist_ok=True)
-    write_json(cfg_path, {"config": config.to_dict(), "run_seed": config.seed,
-                          "stream_seeds": {k: stream_seed(config.seed, k) for k in STREAMS},
-                          "member_seeds": default_seeds(config.n_members, config.seed), "environment": env})
+    data_sha = file_sha256(config.data.path)
+    cfg_path = os.path.join(run_dir, "config.json")
+    if saved:
+        info = read_json(cfg_path)
+        changes = check_resume(run_dir, info, config, data_sha, env, force)
+        info.setdefault("resumes", []).append({"after_generation": max(saved), "environment": env,
+                                               "forced_changes": changes, "config": config.to_dict()})
+        write_json(cfg_path, info)
+        for change in changes:
+            log(f"warning: resuming with {change} (forced); later generations' numbers differ from an "
+                f"uninterrupted run")
+    else:
+        write_json(cfg_path, {"config": config.to_dict(), "run_seed": config.seed,
+                              "stream_seeds": {k: stream_seed(config.seed, k) for k in STREAMS},
+                              "member_seeds": default_seeds(config.n_members, config.seed),
+                              "data_sha256": data_sha, "environment": env})
+    engine = engine or Engine(default_engine(device) if config.engine == "auto" else config.engine)
     eval_rows, n_targets = data.encode(data.eval_docs, device)
-    ctx = Context(config, data.train_docs, eval_rows, n_targets, engine, timer or PhaseTimer(), device, env)
-    return ctx, bool(saved and resume)
+    ck = load_checkpoint(run_dir) if saved else None
+    timer = timer or PhaseTimer()
+    timer.seconds = dict(ck.get("phase_seconds", {})) if ck else {}
+    clock = time.perf_counter() - (ck.get("elapsed_seconds", 0.0) if ck else 0.0)
+    ctx = Context(config, data.train_docs, eval_rows, n_targets, engine, timer, device, env, clock)
+    return ctx, (EvolutionState.from_checkpoint(ck, ctx) if ck else init_state(ctx)), ck
 
 
 def _record(state: EvolutionState, ctx: Context, run_dir: str) -> EvolutionState:
@@ -242,7 +280,9 @@ def _record(state: EvolutionState, ctx: Context, run_dir: str) -> EvolutionState
             state = dataclasses.replace(state, samples0=tuple(best_member_samples(
                 state.pop, state.metrics, True, cfg.n_sample_names, stream_seed(cfg.seed, "samples"),
                 "generation 0, best vulnerable")))
-        save_checkpoint(run_dir, state.generation, state.to_checkpoint(), cfg.keep_all_checkpoints)
+        ck = state.to_checkpoint() | {"elapsed_seconds": time.perf_counter() - ctx.clock,
+                                      "phase_seconds": dict(ctx.timer.seconds)}
+        save_checkpoint(run_dir, state.generation, ck, cfg.keep_all_checkpoints)
         write_csv(os.path.join(run_dir, "generations.csv"), list(state.rows))
         if cfg.evolution.replicates > 1:
             summary = summarize_replicates(list(state.rows))
@@ -255,15 +295,15 @@ def _current(state: EvolutionState, replicates: int) -> dict:
     return state.rows[-1] if replicates == 1 else summarize_replicates(list(state.rows[-replicates:]))[0]
 
 
-def _finish(state: EvolutionState, ctx: Context, run_dir: str, started: float, resumed: bool) -> dict:
+def _finish(state: EvolutionState, ctx: Context, run_dir: str, parts: int) -> dict:
     cfg = ctx.config
     last = best_member_samples(state.pop, state.metrics, False, cfg.n_sample_names,
                                stream_seed(cfg.seed, "samples_last"),
                                f"generation {cfg.evolution.generations}, best immune")
     write_atomic(os.path.join(run_dir, "samples.txt"), "\n".join(list(state.samples0) + [""] + last) + "\n")
     results = {"final": _current(state, cfg.evolution.replicates), "generations": list(state.rows),
-               "wall_seconds": time.perf_counter() - started, "phase_seconds": ctx.timer.seconds,
-               "engine": ctx.engine.kind, "resumed": resumed, "environment": ctx.env}
+               "wall_seconds": time.perf_counter() - ctx.clock, "phase_seconds": ctx.timer.seconds,
+               "parts": parts, "engine": ctx.engine.kind, "environment": ctx.env}
     write_json(os.path.join(run_dir, "results.json"), results)
     return results
 
@@ -280,32 +320,58 @@ def _header(ctx: Context, run_dir: str) -> list[str]:
 
 
 def evolve(config: RunConfig, run_dir: str, resume: bool = False, on_generation=None,
-           log=print, engine: Engine | None = None, timer: PhaseTimer | None = None) -> dict:
+           log=print, engine: Engine | None = None, timer: PhaseTimer | None = None, force: bool = False) -> dict:
     """Run (or resume) the experiment in ``run_dir``; returns the results dict.
 
-    ``on_generation(generation, row)`` is called after each generation has
-    been saved. ``engine`` reuses compiled/captured steps across calls (else
-    one is made from ``config.engine``); ``timer`` collects per-phase seconds.
-    Raises RunError when ``run_dir`` already holds a run and ``resume`` is
-    False, or when resuming with a different config.
+    Everything is checked before the folder is touched: the names file, the
+    config, the device, and that the run fits in memory. The folder is then
+    locked for the life of the run. ``on_generation(generation, row)`` is
+    called after each generation has been saved. ``engine`` reuses
+    compiled/captured steps across calls (else one is made from
+    ``config.engine``); ``timer`` collects per-phase seconds. Resuming
+    refuses another config or a changed names file, and, unless ``force``,
+    settings that change the numbers (threads, device, engine, torch).
     """
-    started = time.perf_counter()
-    ctx, resumed = _open(config, run_dir, resume, engine, timer)
-    state = EvolutionState.from_checkpoint(load_checkpoint(run_dir), ctx) if resumed else init_state(ctx)
+    data, config = prepare(config)
+    if not resume:
+        claim_run_folder(run_dir)
+    elif not is_run_folder(run_dir):
+        raise RunError(f"--resume {run_dir}: not a popgpt run folder (no readable config.json)")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        with RunLock(run_dir, "popgpt evolve"):
+            return _run(config, data, run_dir, resume, force, on_generation, log, engine, timer)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(config, data, run_dir, resume, force, on_generation, log, engine, timer) -> dict:
+    last, results_path = config.evolution.generations, os.path.join(run_dir, "results.json")
+    saved = list_checkpoints(run_dir)
+    if resume and saved and max(saved) == last and os.path.isfile(results_path):
+        log(f"{run_dir}: the run finished (generation {last} saved); nothing to do")
+        return read_json(results_path)
+    ctx, state, ck = _start(config, data, run_dir, resume, force, engine, timer, log)
+    parts = 1 + len(read_json(os.path.join(run_dir, "config.json")).get("resumes", []))
     log("\n".join(_header(ctx, run_dir)))
-    if resumed:
+    if ck is not None:
         log(f"resuming after generation {state.generation}")
     log(format_table([], LIVE_COLUMNS))
-    first, last, loop_started = state.generation + 1, ctx.config.evolution.generations, time.perf_counter()
+    first, loop_started = state.generation + 1, time.perf_counter()
     for gen in range(first, last + 1):
-        state, _ = generation(state, ctx)
+        state, metrics = generation(state, ctx)
         state = _record(state, ctx, run_dir)
         row = _current(state, ctx.config.evolution.replicates)
         eta = (time.perf_counter() - loop_started) / (gen - first + 1) * (last - gen)
-        log(format_live_row(row, time.perf_counter() - started, eta))
+        log(format_live_row(row, time.perf_counter() - ctx.clock, eta))
+        if metrics["diverged"].any():
+            log(f"warning: {int(metrics['diverged'].sum())} of {len(metrics['diverged'])} members diverged "
+                f"(non-finite loss) in generation {gen}; they count as vulnerable, rank last in selection and "
+                f"are left out of quality means (column n_diverged)")
         if on_generation is not None:
             on_generation(gen, row)
-    results = _finish(state, ctx, run_dir, started, resumed)
+    results = _finish(state, ctx, run_dir, parts)
     log(f"done in {results['wall_seconds']:.1f} s; tables in {run_dir}/generations.csv, "
         f"samples in {run_dir}/samples.txt")
     return results

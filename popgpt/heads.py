@@ -36,7 +36,7 @@ from .data import BOUNDARY, encode, inputs_targets
 from .evaluate import clean_nll, on_device
 from .population import Population
 from .runio import format_table, write_atomic, write_json
-from .runs import open_run
+from .runs import OpenRun, locked_run
 
 METRICS = ("norm_clean", "norm_trigger", "attn_to_trigger", "payload_dla", "usefulness")
 
@@ -108,11 +108,12 @@ def classify(head: dict, vulnerable: torch.Tensor) -> list[str]:
     return labels
 
 
-def heads_tables(run_dir: str, generation: int | None = None, n_names: int = 200, sigma: float = 1.5,
+def heads_tables(run: OpenRun, generation: int | None = None, n_names: int = 200, sigma: float = 1.5,
                  device: str = "cpu") -> dict:
     """Per-head metrics of a saved generation and their means over special, ordinary-immune and
     vulnerable members (computed, nothing written)."""
-    run = open_run(run_dir)
+    if n_names < 1:
+        raise ValueError(f"argument --names: must be >= 1, got {n_names}")
     saved = run.load(generation, device)
     pop, virus = saved.population, saved.virus
     rows, _ = run.data.encode(run.data.val_docs[:n_names])
@@ -138,7 +139,13 @@ def heads_tables(run_dir: str, generation: int | None = None, n_names: int = 200
 def analyze_heads(run_dir: str, generation: int | None = None, n_names: int = 200, sigma: float = 1.5,
                   device: str = "cpu", log=print) -> dict:
     """``heads_tables`` written to ``RUN_DIR/heads/`` (heads.md, results.json, heads.png)."""
-    t = heads_tables(run_dir, generation, n_names, sigma, device)
+    with locked_run(run_dir, "popgpt heads", log, generation) as run:
+        t = heads_tables(run, generation, n_names, sigma, device)
+        _write(run_dir, t, log)
+    return t
+
+
+def _write(run_dir: str, t: dict, log) -> None:
     folder = os.path.join(run_dir, "heads")
     os.makedirs(folder, exist_ok=True)
     write_json(os.path.join(folder, "results.json"), {
@@ -154,7 +161,6 @@ def analyze_heads(run_dir: str, generation: int | None = None, n_names: int = 20
     md += [f"![{plot}]({plot})"] if plot else []
     write_atomic(os.path.join(folder, "heads.md"), "\n".join(md) + "\n")
     log("\n".join(md))
-    return t
 
 
 def _scatter(folder, head, groups):

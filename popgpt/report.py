@@ -12,7 +12,7 @@ import torch
 
 from .analysis import ancestry, retest, special_by_replicate
 from .runio import format_table, write_atomic, write_json
-from .runs import OpenRun, open_run
+from .runs import OpenRun, locked_run
 from .stats import mean_interval
 
 TABLE_COLUMNS = ["generation", "trigger", "immune_pct", "quality_all", "quality_immune",
@@ -153,8 +153,11 @@ def _markdown(run: OpenRun, t: dict, plots: list[str]) -> str:
           f"P={c.evolution.pop_size}, {c.evolution.generations} generations, trigger `{c.virus.trigger}` -> "
           f"payload `{c.virus.payload}` in {100 * c.virus.rate:.0f}% of training names, trigger mutating every "
           f"{c.virus.mutate_every} generations; seed {c.seed}; device {env['device']} ({env['device_name']}), "
-          f"torch {env['torch']}.", "",
-          "## Generations", "", "Quality is `1 - NLL/ln V` on held-out clean names; `tax` is the quality of "
+          f"torch {env['torch']}.", ""]
+    if not run.finished:
+        md += [f"**Unfinished run**: generations 0 to {last_gen} of {c.evolution.generations} are saved; "
+               f"everything below reads generation {last_gen}.", ""]
+    md += ["## Generations", "", "Quality is `1 - NLL/ln V` on held-out clean names; `tax` is the quality of "
           "vulnerable minus that of immune members.", "",
           (f"Each cell: mean [95% t interval] over {R} replicates." if R > 1 else ""), "",
           format_table(t["generations"], TABLE_COLUMNS), ""]
@@ -188,9 +191,12 @@ def _markdown(run: OpenRun, t: dict, plots: list[str]) -> str:
 
 def write_report(run_dir: str, sigma: float = 1.5, retest_special: bool = True, log=print) -> str:
     """Write ``RUN_DIR/report/report.md`` and ``report.json`` (plus PNGs); returns the markdown's path."""
-    run = open_run(run_dir)
-    tables = report_tables(run, sigma, retest_special)
-    folder = os.path.join(run_dir, "report")
+    with locked_run(run_dir, "popgpt report", log) as run:
+        return _write(run, report_tables(run, sigma, retest_special), log)
+
+
+def _write(run: OpenRun, tables: dict, log) -> str:
+    folder = os.path.join(run.run_dir, "report")
     os.makedirs(folder, exist_ok=True)
     plots = _plots(folder, tables["replicate0_rows"], tables["quality_first"], tables["quality_last"],
                    tables["last_generation"])

@@ -21,7 +21,7 @@ from .engine import Engine, default_engine
 from .evaluate import immunity
 from .population import AdamState, Population
 from .runio import format_table, write_atomic, write_json
-from .runs import OpenRun, SavedGeneration, open_run
+from .runs import OpenRun, SavedGeneration, locked_run
 from .train import sample_indices
 
 
@@ -102,9 +102,8 @@ def _tables(groups: dict, vulnerable: torch.Tensor, prob: torch.Tensor, checkpoi
     return summary, curve, when
 
 
-def revival(run_dir: str, cfg: RevivalConfig, device: str = "cpu") -> dict:
-    """Re-expose the last generation's immune members and controls; returns the tables (nothing written)."""
-    run = open_run(run_dir)
+def revival(run: OpenRun, cfg: RevivalConfig, device: str = "cpu") -> dict:
+    """Re-expose the newest generation's immune members and controls; returns the tables (nothing written)."""
     rc, dev = run.config, torch.device(device)
     last = run.load(device=dev)
     engine = Engine(default_engine(dev))
@@ -146,6 +145,7 @@ def write_revival(run_dir: str, results: dict, log=print) -> None:
 
 def revive(run_dir: str, cfg: RevivalConfig, device: str = "cpu", log=print) -> dict:
     """``revival`` written to ``RUN_DIR/revival/``; returns its results."""
-    results = revival(run_dir, cfg, device)
-    write_revival(run_dir, results, log)
+    with locked_run(run_dir, "popgpt revive", log) as run:
+        results = revival(run, cfg, device)
+        write_revival(run_dir, results, log)
     return results

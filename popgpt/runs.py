@@ -7,14 +7,15 @@ run folder with ``open_run``.
 """
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from .config import RunConfig, resolve, stream_seed
-from .data import IGNORE, docs_to_tensor, load_names, split_names
+from .data import IGNORE, DataError, docs_to_tensor, load_names, split_names
 from .population import Population
-from .runio import RunError, list_checkpoints, load_checkpoint, read_json
+from .runio import RunError, RunLock, list_checkpoints, load_checkpoint, read_json
 from .virus import Virus
 
 
@@ -45,10 +46,13 @@ class RunData:
 
 def run_data(config: RunConfig) -> RunData:
     """Load the names file, resolve the block size and split the names with the run's split stream."""
-    names = load_names(config.data.path)
+    names = load_names(config.data.path, config.data.max_name_len)
     config = resolve(config, names)
     train, val = split_names(names, config.data.val_frac,
                              torch.Generator().manual_seed(stream_seed(config.seed, "split")))
+    if config.data.eval_docs > len(val):
+        raise DataError(f"--eval-docs {config.data.eval_docs}: only {len(val)} names are held out "
+                        f"(--val-frac {config.data.val_frac} of {len(names)} in {config.data.path})")
     return RunData(config, names, train, val)
 
 
@@ -100,6 +104,20 @@ class OpenRun:
         """Members per replicate."""
         return self.config.evolution.pop_size
 
+    @property
+    def finished(self) -> bool:
+        """Whether the run saved its last generation and wrote results.json."""
+        return (max(self.saved) == self.config.evolution.generations
+                and os.path.isfile(os.path.join(self.run_dir, "results.json")))
+
+    def note(self, generation: int | None = None) -> str | None:
+        """A line telling that the run is unfinished and which generation a tool reads (None if finished)."""
+        if self.finished:
+            return None
+        reading = max(self.saved) if generation is None else generation
+        return (f"note: {self.run_dir} is an unfinished run (generation {max(self.saved)} of "
+                f"{self.config.evolution.generations} saved); reading generation {reading}")
+
     def load(self, generation: int | None = None, device="cpu") -> SavedGeneration:
         """A saved generation (default: the newest) with its population on ``device``."""
         state = load_checkpoint(self.run_dir, generation)
@@ -108,13 +126,77 @@ class OpenRun:
                                Virus(**state["virus"]), state["metrics"])
 
 
-def open_run(run_dir: str) -> OpenRun:
-    """Open a run folder written by ``popgpt evolve``."""
+def read_run_info(run_dir: str) -> tuple[dict, RunConfig]:
+    """A run folder's config.json and the RunConfig in it; a RunError names the file and the field."""
+    if not os.path.isdir(run_dir):
+        raise RunError(f"{run_dir}: no such run folder")
     cfg_path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(cfg_path):
         raise RunError(f"{run_dir}: not a popgpt run folder (no config.json)")
+    try:
+        info = read_json(cfg_path)
+        if not isinstance(info, dict) or not {"config", "environment"} <= set(info):
+            raise ValueError(f"{cfg_path}: not a popgpt config.json (expected fields 'config' and 'environment')")
+        return info, RunConfig.from_dict(info["config"], where=f"{cfg_path}: config")
+    except ValueError as e:
+        raise RunError(str(e)) from None
+
+
+def open_run(run_dir: str) -> OpenRun:
+    """Open a run folder written by ``popgpt evolve`` (finished or not: see ``OpenRun.note``)."""
+    info, config = read_run_info(run_dir)
     saved = list_checkpoints(run_dir)
     if not saved:
-        raise RunError(f"{run_dir}: no checkpoints; is this a popgpt run folder?")
-    info = read_json(cfg_path)
-    return OpenRun(run_dir, run_data(RunConfig.from_dict(info["config"])), saved, info)
+        raise RunError(f"{run_dir}: no saved generation yet (the run is still in generation 0, "
+                       f"or stopped before saving it)")
+    return OpenRun(run_dir, run_data(config), saved, info)
+
+
+@contextmanager
+def locked_run(run_dir: str, command: str, log=None, generation: int | None = None):
+    """Open a run folder for a tool that writes into it: checked to be a run folder first (a lock
+    file is never left in a folder that is not one), then locked for the tool's life. ``log``
+    gets the unfinished-run note, if any."""
+    read_run_info(run_dir)
+    with RunLock(run_dir, command):
+        run = open_run(run_dir)
+        if log is not None and run.note(generation):
+            log(run.note(generation))
+        yield run
+
+
+# Settings that do not change what a run is, but change its float rounding, so
+# a resume under another value continues with other numbers than the run would
+# have had: resume refuses them unless forced (the CLI flag that sets each).
+SETTINGS = {"threads": "--threads", "device": "--device", "engine": "--engine"}
+
+
+def resume_changes(info: dict, config: RunConfig, env: dict) -> list[str]:
+    """Settings and versions this process has that the saved run did not, as 'flag: saved -> now'."""
+    saved = info["config"]
+    changes = [f"{flag}: {saved[key]} -> {getattr(config, key)}" for key, flag in SETTINGS.items()
+               if saved.get(key) != getattr(config, key)]
+    for key in ("torch", "popgpt"):
+        if info["environment"].get(key) != env[key]:
+            changes.append(f"{key} version: {info['environment'].get(key)} -> {env[key]}")
+    return changes
+
+
+def check_resume(run_dir: str, info: dict, config: RunConfig, data_sha256: str, env: dict,
+                 force: bool) -> list[str]:
+    """Refuse a resume that would not continue the same run; returns the (forced) setting changes."""
+    saved = {k: v for k, v in info["config"].items() if k not in SETTINGS}
+    given = {k: v for k, v in config.to_dict().items() if k not in SETTINGS}
+    if saved != given:
+        diff = sorted(k for k in set(saved) | set(given) if saved.get(k) != given.get(k))
+        raise RunError(f"{os.path.join(run_dir, 'config.json')}: the saved config differs from the one given "
+                       f"(in {', '.join(diff)}); resume with the saved config")
+    if info.get("data_sha256") != data_sha256:
+        raise RunError(f"{config.data.path}: the names file changed since the run started (its SHA-256 differs "
+                       f"from the one in {os.path.join(run_dir, 'config.json')}); restore it to resume")
+    changes = resume_changes(info, config, env)
+    if changes and not force:
+        raise RunError("resuming here would change the numbers of later generations ("
+                       + "; ".join(changes) + "): resume where the run started, or pass --force to continue "
+                       "anyway (config.json records the change)")
+    return changes

@@ -23,7 +23,7 @@ from .engine import Engine, default_engine
 from .evaluate import clean_nll, immunity, quality
 from .population import Population
 from .runio import format_table, write_atomic, write_json
-from .runs import open_run
+from .runs import OpenRun, locked_run
 from .stats import mean_interval
 from .train import sample_indices
 from .virus import Virus
@@ -85,9 +85,8 @@ def _triggers(original: Virus, last_trigger: str, n: int, generator: torch.Gener
     return triggers
 
 
-def vaccination(run_dir: str, cfg: VaccineConfig, device: str = "cpu") -> dict:
-    """Run the vaccination experiment on a saved run; returns its tables (nothing written)."""
-    run = open_run(run_dir)
+def vaccination(run: OpenRun, cfg: VaccineConfig, device: str = "cpu") -> dict:
+    """Run the vaccination experiment on a saved run's newest generation; returns its tables (nothing written)."""
     rc, dev = run.config, torch.device(device)
     last = run.load(device=dev)
     donors_idx, rule = pick_donors(last.metrics, cfg.n_donors, cfg.sigma, run.replicates)
@@ -129,7 +128,8 @@ def vaccination(run_dir: str, cfg: VaccineConfig, device: str = "cpu") -> dict:
                 row[f"immune {t}"] = _cell(m[t]["immune"][part].float())
                 row[f"p({t}->payload)"] = _cell(m[t]["payload_prob"][part])
             table.append(row)
-    return {"config": dataclasses.asdict(cfg), "donors": donors_idx.tolist(), "donor_rule": rule,
+    return {"config": dataclasses.asdict(cfg), "generation": last.generation, "donors": donors_idx.tolist(),
+            "donor_rule": rule,
             "triggers": triggers, "table": table}
 
 
@@ -152,8 +152,9 @@ def write_vaccination(run_dir: str, results: dict, log=print) -> None:
 
 def vaccinate(run_dir: str, cfg: VaccineConfig, device: str = "cpu", log=print) -> dict:
     """``vaccination`` written to ``RUN_DIR/vaccine/``; returns its results."""
-    results = vaccination(run_dir, cfg, device)
-    write_vaccination(run_dir, results, log)
+    with locked_run(run_dir, "popgpt vaccinate", log) as run:
+        results = vaccination(run, cfg, device)
+        write_vaccination(run_dir, results, log)
     return results
 
 

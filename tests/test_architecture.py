@@ -19,6 +19,7 @@ LEVELS = [
     {"_version", "data", "stats", "runio"},  # leaves: no popgpt imports
     {"model", "virus"},
     {"config"},  # the run's configuration, one home
+    {"memory"},  # the memory a run needs, estimated before allocating
     {"population"},  # stacked parameters, vmap(functional_call)
     {"loss"},  # the loss training and evaluation share
     {"train"},  # the one training step

@@ -4,6 +4,8 @@ import json
 import os
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 sys.path.insert(0, ROOT)
@@ -20,7 +22,10 @@ def test_bench_vmap_vs_sequential_smoke(tmp_path, capsys):
     assert "threads" in out and "torch" in out
     data = json.loads((tmp_path / "bench_vmap_vs_sequential.json").read_text())
     assert [(r["P"], r["engine"]) for r in data["results"]] == [(1, "eager"), (1, "graph"), (3, "eager"), (3, "graph")]
-    assert all(r["equal"] and r["float64_max_diff"] < 1e-9 for r in data["results"])
+    assert all(r["equal"] and r["float64_max_diff"] < 1e-9 for r in data["results"])  # vs torch.optim.Adam loops
+    for r in data["results"]:  # the printed rates agree with the printed times
+        assert r["batched_member_steps_per_s"] == pytest.approx(r["P"] * 1000 / r["batched_ms_per_step"])
+        assert r["speedup"] == pytest.approx(r["batched_member_steps_per_s"] / r["sequential_member_steps_per_s"])
     assert os.path.isfile(tmp_path / "bench_vmap_vs_sequential.md")
 
 
@@ -31,4 +36,8 @@ def test_bench_experiment_smoke(tmp_path, capsys):
     data = json.loads((tmp_path / "bench_experiment.json").read_text())
     assert set(data["runs"]) == {"cold", "warm"}
     assert {"training_s", "evaluation_s", "evolution_ops_s", "io_s"} <= set(data["runs"]["warm"])
-    assert "start-up" in capsys.readouterr().out
+    for run in data["runs"].values():  # phases are parts of the wall time, never more
+        phases = sum(v for k, v in run.items() if k.endswith("_s") and k != "wall_s")
+        assert 0 < phases <= run["wall_s"]
+    assert data["startup_s"] == pytest.approx(max(0.0, data["runs"]["cold"]["wall_s"] - data["runs"]["warm"]["wall_s"]))
+    assert f"start-up (compile/capture) = cold - warm = {data['startup_s']:.2f} s" in capsys.readouterr().out

@@ -78,6 +78,29 @@ def test_trigger_head_and_classification():
 
 
 def test_heads_cli(make_tiny_run, capsys):
+    import json
+    import os
+
+    import torch.nn.functional as F
+
+    from popgpt.data import inputs_targets
+    from popgpt.runio import load_checkpoint
+    from popgpt.runs import open_run
+
     run = make_tiny_run()
     assert main(["heads", run, "--names", "20", "--device", "cpu"]) == 0
-    assert "| group | members |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    vulnerable = load_checkpoint(run)["metrics"]["vulnerable"]
+    printed = [line for line in out.splitlines() if line.startswith("| vulnerable |")][0].split("|")
+    assert int(printed[2]) == int(vulnerable.sum())
+    # usefulness of member 0's head 2, recomputed with a plain single model
+    res = json.load(open(os.path.join(run, "heads", "results.json")))
+    opened = open_run(run)
+    x, y = inputs_targets(opened.data.encode(opened.data.val_docs[:20])[0])
+    model = opened.load().population.member(0)
+    mask = torch.ones(1, 4)
+    mask[0, 2] = 0.0
+    with torch.no_grad():
+        nll = [F.cross_entropy(model(x, head_mask=m).flatten(0, 1), y.flatten(), ignore_index=-1).item()
+               for m in (None, mask)]
+    assert res["metrics"]["usefulness"][0][0][2] == pytest.approx(nll[1] - nll[0], abs=1e-5)

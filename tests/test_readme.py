@@ -3,6 +3,10 @@
 import os
 import re
 
+import pytest
+
+from popgpt.runio import load_checkpoint
+
 from conftest import NAMES, ROOT
 
 
@@ -14,6 +18,11 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace = {}
     exec(compile(blocks[0], "README.md", "exec"), namespace)
-    assert namespace["losses"].shape == (100, 16)
+    losses = namespace["losses"]
+    assert losses.shape == (100, 16)
+    assert (losses[-10:].mean(0) < losses[:10].mean(0)).all()  # every member learned
     assert namespace["results"]["final"]["generation"] == 2
     assert os.path.isfile(tmp_path / "runs" / "api-example" / "generations.csv")
+    final = load_checkpoint(str(tmp_path / "runs" / "api-example"))["metrics"]
+    assert namespace["results"]["final"]["immune_frac"] == pytest.approx(float((~final["vulnerable"]).float().mean()))
+    assert namespace["results"]["final"]["fitness_all"] == pytest.approx(float(final["quality"].mean()), rel=1e-6)

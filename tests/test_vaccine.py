@@ -52,11 +52,31 @@ def test_without_a_transplant_the_groups_are_identical(tiny_run):
 
 
 def test_vaccinate_cli(tiny_run, capsys):
+    import math
+
+    import torch.nn.functional as F
+
+    from popgpt.config import fresh_member_seeds
+    from popgpt.data import inputs_targets
+    from popgpt.runs import open_run
+
     assert main(["vaccinate", tiny_run, "--recipients", "4", "--steps", "3", "--triggers", "1",
                  "--device", "cpu"]) == 0
     res = json.load(open(os.path.join(tiny_run, "vaccine", "results.json")))
     before = res["table"][:2]
     assert before[0]["quality"] != before[1]["quality"]  # the transplant changed the vaccinated
+    # the vaccinated members' quality before training, rebuilt by hand from seeds and donors
+    run = open_run(tiny_run)
+    donors = run.load().population[res["donors"]]
+    x, y = inputs_targets(run.data.encode(run.data.eval_docs)[0])
+    qualities = []
+    for i, seed in enumerate(fresh_member_seeds(run.config.seed, "vaccine", 0, 4)):
+        model = Population.from_seeds(run.config.model, [seed]).member(0)
+        with torch.no_grad():
+            model.attn_qkv.copy_(donors.params["attn_qkv"][i % len(donors)])
+            nll = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-1).item()
+        qualities.append(1 - nll / math.log(27))
+    assert float(before[0]["quality"].split()[0]) == pytest.approx(sum(qualities) / 4, abs=5e-4)
     assert "# Vaccination: attn_qkv" in open(os.path.join(tiny_run, "vaccine", "vaccine.md")).read()
     assert main(["vaccinate", tiny_run, "--tensors", "nope", "--device", "cpu"]) == 2
     assert "unknown tensor 'nope'" in capsys.readouterr().err

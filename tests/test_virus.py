@@ -161,3 +161,33 @@ def test_sampling_follows_the_model_distribution():
     expected = math.exp(k * s) / (math.exp(k * s) + 26)
     observed = (tokens[0, :, 0] == encode("z")[0]).float().mean().item()
     assert abs(observed - expected) < 4 * math.sqrt(expected * (1 - expected) / 4000)
+
+
+def successor_model(strength=12.0):
+    """A model whose next token depends only on the PREVIOUS token: after letter c it writes the
+    next letter of the alphabet (after z, the boundary); after the boundary, 'a'. Token embeddings
+    are one-hot (n_embd = 28 > 27 tokens), positions, attention and MLP write nothing."""
+    config = ModelConfig(block_size=21, n_embd=28, n_head=4)
+    model = MicroGPT(config, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.wte[:, :27] = torch.eye(27)
+        for token in range(27):
+            model.lm_head[(token + 1) % 27, token] = strength  # boundary 0 -> a (1), ..., z (26) -> boundary
+    return model
+
+
+def test_the_sampler_follows_the_prompt():
+    from popgpt.evaluate import sample_tokens
+
+    pop = pop_of([successor_model()])
+    for prompt in ("qx", "ab", "w"):
+        tokens = sample_tokens(pop, encode(prompt), 3, torch.Generator().manual_seed(0))
+        start = encode(prompt)[-1]
+        expected = [t for t in range(start + 1, 27)][: tokens.shape[-1]]
+        for s in range(3):
+            got = [t for t in tokens[0, s].tolist() if t != 0]
+            assert got == expected[: len(got)] and len(got) == min(len(expected), tokens.shape[-1]), (prompt, got)
+    assert immunity(pop, Virus("wx", "yz"), torch.Generator().manual_seed(0)).vulnerable.tolist() == [True]
+    assert immunity(pop, Virus("ab", "yz"), torch.Generator().manual_seed(0)).vulnerable.tolist() == [False]
