@@ -13,6 +13,7 @@ With ``n_layer > 1`` the block tensors carry a layer prefix:
 ``(out_features, in_features)`` and applied with ``F.linear``.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -38,11 +39,14 @@ class ModelConfig:
     norm_eps: float = 1e-5  # RMSNorm epsilon
 
     def __post_init__(self):
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         for name in ("vocab_size", "block_size", "n_embd", "n_head", "n_layer"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        for name in ("init_std", "norm_eps"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
 
     @property
     def head_dim(self) -> int:
