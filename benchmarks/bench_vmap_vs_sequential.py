@@ -38,6 +38,7 @@ from popgpt import MicroGPT, ModelConfig, Population, TrainConfig  # noqa: E402
 from popgpt.data import IGNORE, docs_to_tensor, inputs_targets, load_names  # noqa: E402
 from popgpt.engine import ENGINES, Engine  # noqa: E402
 from popgpt.population import default_seeds  # noqa: E402
+from popgpt.train import Batches  # noqa: E402
 
 NAMES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "names.txt")
 
@@ -88,7 +89,7 @@ def float64_check(kind, cfg, seeds, tcfg, rows, idx, device) -> float:
     models, opts = sequential_models(cfg, seeds, tcfg, device, torch.float64)
     sequential(models, opts, rows, idx)
     pop = population(cfg, seeds, device, torch.float64)
-    Engine(kind).run(pop, rows, idx, tcfg)
+    Engine(kind).run(pop, Batches.shared(rows, idx), tcfg)
     return float(member_diffs(pop, stacked(models, pop.params), len(seeds)).max())
 
 
@@ -109,8 +110,8 @@ def bench_size(P, args, engines, rows, device, cfg, tcfg):
     for kind in engines:
         pop = population(cfg, seeds, device, torch.float32)
         engine = Engine(kind)
-        warm_s = timed(lambda: engine.run(pop, rows, warm, tcfg), device)
-        run_s = timed(lambda: engine.run(pop, rows, timed_idx, tcfg), device)
+        warm_s = timed(lambda: engine.run(pop, Batches.shared(rows, warm), tcfg), device)
+        run_s = timed(lambda: engine.run(pop, Batches.shared(rows, timed_idx), tcfg), device)
         agree = float((member_diffs(pop, seq_params, n_seq) <= 1e-5).float().mean())
         n_check = min(P, args.check_members)
         check = float64_check(kind, cfg, seeds[:n_check], tcfg, rows, idx[:, :n_check], device)

@@ -1,9 +1,7 @@
-"""Reading a finished population: lineage, the rare "special" members, re-tests, samples.
+"""Reading a finished population: lineage, re-tests of the "special" members, samples.
 
-Special member (the source experiment's rule, docs/definitions.md): immune AND quality at least
-``sigma`` (1.5) standard deviations above the mean quality of the immune
-members of the same generation and replicate (sample standard deviation;
-with fewer than two immune members nobody is special).
+The special-member rules live in ``summary.py`` (the table of every
+generation counts them); docs/definitions.md states them.
 """
 
 import torch
@@ -12,6 +10,7 @@ from .config import tool_seed
 from .evaluate import evaluate_members, sample_names
 from .runio import RunError
 from .runs import OpenRun
+from .summary import special_by_replicate, special_members, special_threshold  # noqa: F401  (public here too)
 
 
 def ancestry(parents: list[torch.Tensor], n_founders: int) -> list[torch.Tensor]:
@@ -26,30 +25,6 @@ def ancestry(parents: list[torch.Tensor], n_founders: int) -> list[torch.Tensor]
         prev = anc[-1]
         anc.append(prev[pair[:, 0]] | prev[pair[:, 1]])
     return anc
-
-
-def special_threshold(quality: torch.Tensor, immune: torch.Tensor, sigma: float = 1.5) -> float:
-    """mean + sigma * sd of the immune members' quality (inf with fewer than two immune members)."""
-    q = quality[immune]
-    if q.numel() < 2:
-        return float("inf")
-    return float(q.mean() + sigma * q.std())
-
-
-def special_members(quality: torch.Tensor, immune: torch.Tensor, sigma: float = 1.5) -> torch.Tensor:
-    """Bool [P]: immune members whose quality >= mean + sigma * std of the immune members' quality."""
-    threshold = special_threshold(quality, immune, sigma)
-    return immune & (quality >= threshold)
-
-
-def special_by_replicate(quality: torch.Tensor, immune: torch.Tensor, replicates: int,
-                         sigma: float = 1.5) -> tuple[torch.Tensor, list[float]]:
-    """Special members of each replicate (the rule applied within it): (bool [R*P], threshold per replicate)."""
-    P = len(quality) // replicates
-    parts = [slice(r * P, (r + 1) * P) for r in range(replicates)]
-    thresholds = [special_threshold(quality[s], immune[s], sigma) for s in parts]
-    special = torch.cat([immune[s] & (quality[s] >= t) for s, t in zip(parts, thresholds)])
-    return special, thresholds
 
 
 def retest(run: OpenRun, generation: int, members: torch.Tensor, seed: int = 1, device: str = "cpu") -> dict:
@@ -67,7 +42,8 @@ def retest(run: OpenRun, generation: int, members: torch.Tensor, seed: int = 1, 
     rows, n_targets = run.data.encode(fresh, device)
     g = torch.Generator(device).manual_seed(tool_seed(run.config.seed, "retest", seed, "samples"))
     V = run.config.virus
-    metrics = evaluate_members(saved.population[members], saved.virus, rows, g, V.n_samples, V.threshold, n_targets)
+    metrics = evaluate_members(saved.population[members], saved.virus, rows, g, V.n_samples, V.threshold, n_targets,
+                               saved.member_triggers()[members])
     return {"quality": metrics["quality"].cpu(), "vulnerable": metrics["vulnerable"].cpu(),
             "payload_prob": metrics["payload_prob"].cpu(), "n_names": len(fresh)}
 

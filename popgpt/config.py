@@ -11,6 +11,7 @@ seeds from the run seed and their own name (``tool_seed``,
 
 import dataclasses
 import hashlib
+import json
 import math
 import types
 import typing
@@ -21,6 +22,9 @@ from .model import ModelConfig
 from .virus import VIRUSES
 
 ENGINES = ("eager", "compile", "graph")
+REINFECT = ("never", "on-mutation")
+MUTATION_ORDERS = ("source", "before-breeding")
+REPLICATE_DATA = ("own", "shared")
 _CLASSIC_TRIGGER, _CLASSIC_PAYLOAD = VIRUSES["classic"]
 
 
@@ -76,8 +80,12 @@ class VirusConfig:
     mutate_every: int = 7  # generations between trigger mutations (0: never)
     n_samples: int = 5  # continuations sampled per member in the immunity test
     threshold: int = 2  # vulnerable when the payload appears in this many samples
+    # After a trigger mutation, are the training names infected anew with the new trigger?
+    # "never": the source experiment infects its documents once and mutate() changes only the trigger.
+    reinfect: str = "never"
 
     def __post_init__(self):
+        _require(self.reinfect in REINFECT, f"reinfect must be one of {', '.join(REINFECT)}, got {self.reinfect!r}")
         _letters("trigger", self.trigger)
         _letters("payload", self.payload)
         _check_finite(self)
@@ -122,10 +130,28 @@ class EvolutionConfig:
     mutation_rate: float = 0.01  # probability each child weight is perturbed
     mutation_std: float = 0.02  # std of the N(0, std^2) perturbation
     vulnerable_penalty: float = 0.3  # selection multiplies a vulnerable member's fitness by this
-    finetune_steps: int = 100  # training steps for every child, on the current infected data
+    finetune_steps: int = 100  # training steps for every child
+    finetune_lr: float | None = None  # the children's learning rate (None: train.lr)
+    # Infection rate of the names children are fine-tuned on. None: the run's own infected names
+    # (the same documents generation 0 trained on); 0: clean names; in between: a mix.
+    finetune_infection: float | None = None
+    # "source": the source experiment's order, trigger mutation at the END of generation 7, 14, ...
+    # (evaluate, select, breed, fine-tune, then mutate): a new trigger is first tested one generation
+    # later, on children fine-tuned under the old one. "before-breeding": mutate at the start.
+    mutation_order: str = "source"
+    replicate_data: str = "own"  # "own": every replicate its infection draws and trigger lineage
+    retest: bool = True  # a second, independent immunity test per generation (test-retest agreement)
 
     def __post_init__(self):
         _check_finite(self)
+        _require(self.mutation_order in MUTATION_ORDERS,
+                 f"mutation_order must be one of {', '.join(MUTATION_ORDERS)}, got {self.mutation_order!r}")
+        _require(self.replicate_data in REPLICATE_DATA,
+                 f"replicate_data must be one of {', '.join(REPLICATE_DATA)}, got {self.replicate_data!r}")
+        _require(self.finetune_lr is None or (math.isfinite(self.finetune_lr) and self.finetune_lr > 0),
+                 f"finetune_lr must be > 0, got {self.finetune_lr}")
+        _require(self.finetune_infection is None or 0.0 <= self.finetune_infection <= 1.0,
+                 f"finetune_infection must be in [0, 1], got {self.finetune_infection}")
         _at_least(self, ("pop_size",), 2)
         _at_least(self, ("replicates",), 1)
         _at_least(self, ("generations", "finetune_steps"), 0)
@@ -154,8 +180,17 @@ class RunConfig:
     threads: int | None = None  # torch CPU threads; they change float rounding, so a run records them
     keep_all_checkpoints: bool = False  # else keep generation 0 and the newest
     n_sample_names: int = 20  # names written to samples.txt per sampled member
+    # Conditions on the population axis: each a dict of overrides (conditions.FIELDS), evolved side
+    # by side, each with its replicates, in one batch. Empty: one condition, the config itself.
+    conditions: tuple = ()
 
     def __post_init__(self):
+        _require(isinstance(self.conditions, tuple), "conditions must be a tuple of dicts")
+        for i, overrides in enumerate(self.conditions):
+            try:
+                with_overrides(self, overrides)
+            except ValueError as e:
+                raise ValueError(f"condition {i} ({condition_label(overrides)}): {e}") from None
         _require(self.engine in ("auto", *ENGINES),
                  f"engine must be auto or one of {', '.join(ENGINES)}, got {self.engine!r}")
         _at_least(self, ("n_sample_names",), 1)
@@ -166,12 +201,17 @@ class RunConfig:
                  f"(the largest allowed is {(FRESH_SEED_BASE - 42) // 137 // self.n_members - 2})")
 
     @property
+    def n_conditions(self) -> int:
+        return max(1, len(self.conditions))
+
+    @property
     def n_members(self) -> int:
-        """Members on the device: replicates x pop_size."""
-        return self.evolution.replicates * self.evolution.pop_size
+        """Members on the device: conditions x replicates x pop_size."""
+        return self.n_conditions * self.evolution.replicates * self.evolution.pop_size
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain JSON values (what config.json holds and resume compares)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "config") -> "RunConfig":
@@ -180,9 +220,46 @@ class RunConfig:
         return from_dict(cls, d, where)
 
 
+# What a condition may change: name -> (config section, field). Everything else (sizes, batch
+# size, data) is shared by all conditions of a run, so they fit one batched computation.
+CONDITION_FIELDS = {
+    "lr": ("train", "lr"), "weight_decay": ("train", "weight_decay"), "beta1": ("train", "beta1"),
+    "beta2": ("train", "beta2"), "steps": ("train", "steps"),
+    "finetune_steps": ("evolution", "finetune_steps"), "finetune_lr": ("evolution", "finetune_lr"),
+    "finetune_infection": ("evolution", "finetune_infection"), "mutation_order": ("evolution", "mutation_order"),
+    "penalty": ("evolution", "vulnerable_penalty"), "crossover_p": ("evolution", "crossover_p"),
+    "mutation_rate": ("evolution", "mutation_rate"), "mutation_std": ("evolution", "mutation_std"),
+    "infection_rate": ("virus", "rate"), "mutate_every": ("virus", "mutate_every"), "reinfect": ("virus", "reinfect"),
+}
+
+
+def with_overrides(config: RunConfig, overrides: dict) -> RunConfig:
+    """``config`` with a condition's overrides applied (and checked by the config dataclasses)."""
+    unknown = sorted(set(overrides) - set(CONDITION_FIELDS))
+    _require(not unknown, f"{unknown[0] if unknown else ''!r} is not a condition field; "
+             f"choose from {', '.join(CONDITION_FIELDS)}")
+    sections: dict = {}
+    for key, value in overrides.items():
+        section, name = CONDITION_FIELDS[key]
+        sections.setdefault(section, {})[name] = value
+    return dataclasses.replace(config, conditions=(), **{sec: dataclasses.replace(getattr(config, sec), **kv)
+                                                          for sec, kv in sections.items()})
+
+
+def condition_configs(config: RunConfig) -> list[RunConfig]:
+    """The config each condition runs under (the config itself when there are no conditions)."""
+    return [with_overrides(config, c) for c in config.conditions] or [dataclasses.replace(config, conditions=())]
+
+
+def condition_label(overrides: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in overrides.items()) or "default"
+
+
 def _type_ok(value, annotation) -> bool:
     if annotation is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is bool:
+        return isinstance(value, bool)
     if annotation is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
@@ -211,8 +288,10 @@ def from_dict(cls, d, where: str):
             values[name] = from_dict(f.type, value, f"{where}.{name}")
         elif not _type_ok(value, f.type):
             raise ValueError(f"{where}.{name}: expected {getattr(f.type, '__name__', f.type)}, got {value!r}")
+        elif f.type is tuple:
+            values[name] = tuple(dict(v) if isinstance(v, dict) else v for v in value)
         else:
-            values[name] = float(value) if f.type is float else (tuple(value) if f.type is tuple else value)
+            values[name] = float(value) if f.type is float and value is not None else value
     try:
         return cls(**values)
     except ValueError as e:
@@ -227,14 +306,15 @@ def resolve(config: RunConfig, names: list[str]) -> RunConfig:
 
 # A run's random streams. Their seeds are spaced by a prime stride, so the
 # streams of different run seeds never share a seed.
-STREAMS = ("split", "host", "device", "samples", "samples_last")
+STREAMS = ("split", "host", "device", "samples", "samples_last", "retest")
 _STREAM_STRIDE = 1_000_003
 
 
 def stream_seed(run_seed: int, stream: str) -> int:
     """Seed of one of the run's streams: ``split`` (train/held-out split), ``host``
     (infection, trigger mutation), ``device`` (batches, breeding, immunity samples),
-    ``samples`` and ``samples_last`` (the names in samples.txt)."""
+    ``samples`` and ``samples_last`` (the names in samples.txt), ``retest`` (the second,
+    independent immunity test)."""
     if stream not in STREAMS:
         raise ValueError(f"unknown stream {stream!r}; the run's streams are {', '.join(STREAMS)}")
     return run_seed * _STREAM_STRIDE + STREAMS.index(stream)

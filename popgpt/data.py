@@ -99,7 +99,7 @@ def docs_to_tensor(docs: list[str], block_size: int) -> torch.Tensor:
 
 
 def inputs_targets(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split encoded rows (..., T+1) into inputs (..., T) and targets (..., T)."""
-    x = rows[..., :-1].clamp(min=0)  # padding inputs only feed ignored targets
-    y = rows[..., 1:]
+    """Split encoded rows (..., T+1), of any integer dtype, into int64 inputs (..., T) and targets (..., T)."""
+    x = rows[..., :-1].long().clamp(min=0)  # padding inputs only feed ignored targets
+    y = rows[..., 1:].long()
     return x, y

@@ -17,7 +17,6 @@ The work per member-step is tiny (~25 MFLOP), so on a GPU the cost is kernel
 launches and host round-trips, which is what ``graph`` removes.
 """
 
-import dataclasses
 import functools
 
 import torch
@@ -27,7 +26,7 @@ from .data import docs_to_tensor, inputs_targets
 from .loss import losses_of
 from .memory import CPU_MEMBER_BLOCK
 from .population import AdamState, Population
-from .train import adam_step, sample_indices, step, train_step
+from .train import Batches, Hyper, adam_step, as_hyper, sample_indices, step, train_step
 
 
 def default_engine(device: torch.device) -> str:
@@ -57,13 +56,17 @@ class Engine:
             self._step = functools.partial(train_step, losses_fn=torch.compile(losses_of, dynamic=False),
                                            update_fn=torch.compile(adam_step, dynamic=False))
 
-    def run(self, pop: Population, rows: torch.Tensor, idx: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
-        """Train ``pop`` in place on batches ``rows[idx[s]]``; returns losses (steps, P)."""
-        history = torch.zeros(idx.shape[0], len(pop), device=pop.device)
-        if idx.shape[0] == 0:
+    def run(self, pop: Population, batches: Batches, hp: Hyper | TrainConfig) -> torch.Tensor:
+        """Train ``pop`` in place on ``batches``; returns losses (steps, P).
+
+        ``hp``: per-member hyperparameters, or one TrainConfig for all.
+        """
+        hp = as_hyper(hp, pop)
+        history = torch.zeros(batches.steps, len(pop), device=pop.device)
+        if batches.steps == 0:
             return history
         if self.kind == "graph":
-            self._graph_round(pop, rows, idx, cfg, history)
+            self._graph_round(pop, batches, hp, history)
             return history
         block = self.member_block
         if block == "auto":
@@ -71,21 +74,26 @@ class Engine:
         block = block or len(pop)
         for a in range(0, len(pop), block):  # block-major: a block's tensors stay in cache
             b = min(a + block, len(pop))
-            part = pop.view(a, b) if (a, b) != (0, len(pop)) else pop
-            for s in range(idx.shape[0]):
-                x, y = inputs_targets(rows[idx[s, a:b]])  # (P_block, B, T) each
-                history[s, a:b] = self._step(part, x, y, cfg)
+            whole = (a, b) == (0, len(pop))
+            part, data, part_hp = (pop, batches, hp) if whole else (pop.view(a, b), batches.members(a, b),
+                                                                     hp.index(slice(a, b)))
+            for s in range(batches.steps):
+                x, y = data.at(s)  # (P_block, B, T) each
+                active = None if data.active is None else data.active[s]
+                history[s, a:b] = self._step(part, x, y, part_hp, active)
         return history
 
-    def _graph_round(self, pop, rows, idx, cfg, history):
-        key = (len(pop), tuple(idx.shape[1:]), tuple(rows.shape), dataclasses.replace(cfg, steps=0),
-               pop.config, str(pop.device))
+    def _graph_round(self, pop, batches: Batches, hp: Hyper, history):
+        key = (len(pop), tuple(batches.rows.shape[1:]), tuple(batches.bank.shape), batches.bank.dtype,
+               batches.active is not None, pop.config, str(pop.device))
         if key not in self._graphs:
-            self._graphs[key] = _StaticStep(pop, rows, idx.shape[1:], cfg)
+            self._graphs[key] = _StaticStep(pop, batches, hp)
         static = self._graphs[key]
-        static.load(pop, rows)
-        for s in range(idx.shape[0]):
-            static.idx.copy_(idx[s])
+        static.load(pop, batches, hp)
+        for s in range(batches.steps):
+            static.rows.copy_(batches.rows[s])
+            if batches.active is not None:
+                static.active.copy_(batches.active[s])
             static.replay()
             history[s].copy_(static.losses)
         static.store(pop)
@@ -94,21 +102,23 @@ class Engine:
 class _StaticStep:
     """One training step over fixed buffers; captured as a CUDA graph on CUDA devices."""
 
-    def __init__(self, pop: Population, rows: torch.Tensor, batch_shape, cfg: TrainConfig):
-        self.base, self.cfg = pop.base, cfg
+    def __init__(self, pop: Population, batches: Batches, hp: Hyper):
+        self.base = pop.base
         self.params = {k: v.detach().clone() for k, v in pop.params.items()}
         self.opt = AdamState({k: v.clone() for k, v in pop.opt.exp_avg.items()},
                              {k: v.clone() for k, v in pop.opt.exp_avg_sq.items()}, pop.opt.step.clone())
-        self.rows = rows.clone()
-        self.idx = torch.zeros(batch_shape, dtype=torch.long, device=rows.device)  # (P, B)
-        self.losses = torch.zeros(len(pop), device=rows.device)
+        self.hp = Hyper(*(t.clone() for t in hp))
+        self.bank, self.table = batches.bank.clone(), batches.table.clone()
+        self.rows = torch.zeros_like(batches.rows[0])  # (P, B): the step's slot
+        self.active = None if batches.active is None else torch.zeros_like(batches.active[0])
+        self.losses = torch.zeros(len(pop), device=pop.device)
         self.graph = None
-        if rows.device.type == "cuda":
+        if pop.device.type == "cuda":
             self._capture()
 
     def _step(self):
-        x, y = inputs_targets(self.rows[self.idx])  # (P, B, T) each
-        self.losses.copy_(step(self.base, self.params, self.opt, x, y, self.cfg))
+        x, y = inputs_targets(self.bank[self.table[:, None], self.rows])  # (P, B, T) each
+        self.losses.copy_(step(self.base, self.params, self.opt, x, y, self.hp, self.active))
 
     def _capture(self):
         # Warm-up on a side stream (as CUDA graph capture requires) changes the
@@ -130,13 +140,16 @@ class _StaticStep:
             self.graph.replay()
 
     @torch.no_grad()
-    def load(self, pop: Population, rows: torch.Tensor):
+    def load(self, pop: Population, batches: Batches, hp: Hyper):
         for k in self.params:
             self.params[k].copy_(pop.params[k])
             self.opt.exp_avg[k].copy_(pop.opt.exp_avg[k])
             self.opt.exp_avg_sq[k].copy_(pop.opt.exp_avg_sq[k])
         self.opt.step.copy_(pop.opt.step)
-        self.rows.copy_(rows)
+        for mine, theirs in zip(self.hp, hp):
+            mine.copy_(theirs)
+        self.bank.copy_(batches.bank)
+        self.table.copy_(batches.table)
 
     @torch.no_grad()
     def store(self, pop: Population):
@@ -163,4 +176,4 @@ def train(pop: Population, docs, steps: int = 100, batch_size: int = 32,
     rows = docs if isinstance(docs, torch.Tensor) else docs_to_tensor(docs, pop.config.block_size)
     rows = rows.to(pop.device)
     idx = sample_indices(len(rows), cfg.steps, len(pop), cfg.batch_size, generator).to(pop.device)
-    return (engine or Engine("eager")).run(pop, rows, idx, cfg)
+    return (engine or Engine("eager")).run(pop, Batches.shared(rows, idx), cfg)

@@ -61,30 +61,45 @@ def quality(nll: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return 1.0 - nll / math.log(vocab_size)
 
 
+def member_prompts(prompt, pop: Population) -> torch.Tensor:
+    """``boundary + prompt`` for every member: (P, 1 + L) on the device.
+
+    ``prompt``: token ids shared by all members (a list), or per member (P, L)."""
+    if isinstance(prompt, torch.Tensor):
+        if prompt.dim() != 2 or prompt.shape[0] != len(pop):
+            raise ValueError(f"per-member prompts must be (P={len(pop)}, L), got {tuple(prompt.shape)}")
+        start = torch.full((len(pop), 1), BOUNDARY, dtype=torch.long, device=pop.device)
+        return torch.cat([start, prompt.to(pop.device, torch.long)], 1)
+    return on_device([BOUNDARY, *prompt], pop.device)[None].expand(len(pop), -1)
+
+
 @torch.no_grad()
-def sample_tokens(pop: Population, prompt: list[int], n_samples: int, generator: torch.Generator,
+def sample_tokens(pop: Population, prompt, n_samples: int, generator: torch.Generator,
                   temperature: float = 1.0) -> torch.Tensor:
     """Continue ``boundary + prompt`` n_samples times per member: (P, S, L) tokens.
 
-    L = block_size + 1 - (len(prompt) + 1): generation runs to the end of the
-    context. Everything after a sample's first boundary token is boundary.
-    The sequence buffer keeps one fixed shape (causal attention makes the
-    unfilled tail irrelevant), so every step runs the same kernels. Tokens are
-    drawn by the exponential race (argmax of p / Exp(1), an exact sample of
-    p), which unlike ``torch.multinomial`` never checks its input on the host.
+    ``prompt``: a list of token ids for all members, or a (P, L) tensor, one
+    prompt per member. L = block_size + 1 - (prompt length + 1): generation
+    runs to the end of the context. Everything after a sample's first
+    boundary token is boundary. The sequence buffer keeps one fixed shape
+    (causal attention makes the unfilled tail irrelevant), so every step runs
+    the same kernels. Tokens are drawn by the exponential race (argmax of
+    p / Exp(1), an exact sample of p), which unlike ``torch.multinomial``
+    never checks its input on the host.
     """
     P, T = len(pop), pop.config.block_size
-    start = [BOUNDARY, *prompt]
-    if len(start) > T:
-        raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in block_size {T}")
+    start = member_prompts(prompt, pop)  # (P, 1 + L)
+    n = start.shape[1]
+    if n > T:
+        raise ValueError(f"prompt of {n - 1} tokens leaves no room in block_size {T}")
     seq = torch.zeros(P, n_samples, T + 1, dtype=torch.long, device=pop.device)
-    seq[:, :, : len(start)] = on_device(start, pop.device)
-    for t in range(len(start), T + 1):
+    seq[:, :, :n] = start[:, None, :]
+    for t in range(n, T + 1):
         logits = pop.logits(seq[:, :, :T])[:, :, t - 1]  # (P, S, V)
         probs = (logits / temperature).softmax(-1)
         race = torch.empty_like(probs).exponential_(generator=generator)
         seq[:, :, t] = (probs / race).argmax(-1)  # (P, S)
-    out = seq[:, :, len(start):]
+    out = seq[:, :, n:]
     ended = (out == BOUNDARY).cumsum(-1) > 0
     return out.masked_fill(ended, BOUNDARY)
 
@@ -99,12 +114,15 @@ def payload_hits(tokens: torch.Tensor, payload: list[int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def payload_probability(pop: Population, prompt: list[int], payload: list[int]) -> torch.Tensor:
-    """Exact P(payload | boundary + prompt) per member under teacher forcing: [P]."""
-    seq = on_device([BOUNDARY, *prompt, *payload], pop.device)
-    logp = pop.logits(seq[None, :-1]).log_softmax(-1)[:, 0]  # (P, T, V)
-    pos = torch.arange(len(prompt), len(prompt) + len(payload), device=pop.device)
-    return logp[:, pos, seq[pos + 1]].sum(-1).exp()
+def payload_probability(pop: Population, prompt, payload: list[int]) -> torch.Tensor:
+    """Exact P(payload | boundary + prompt) per member under teacher forcing: [P].
+
+    ``prompt``: shared token ids (a list) or one prompt per member (P, L)."""
+    start = member_prompts(prompt, pop)  # (P, 1 + L)
+    seq = torch.cat([start, on_device(payload, pop.device)[None].expand(len(pop), -1)], 1)  # (P, 1 + L + k)
+    logp = pop.logits(seq[:, None, :-1]).log_softmax(-1)[:, 0]  # (P, T, V)
+    pos = torch.arange(start.shape[1] - 1, seq.shape[1] - 1, device=pop.device)
+    return logp[:, pos].gather(-1, seq[:, pos + 1, None]).squeeze(-1).sum(-1).exp()  # (P, k) -> [P]
 
 
 def sample_names(pop: Population, count: int, generator: torch.Generator,
@@ -128,9 +146,13 @@ class ImmunityResult:
 
 
 def immunity(pop: Population, virus, generator: torch.Generator, n_samples: int = 5,
-             threshold: int = 2) -> ImmunityResult:
-    """The immunity test of every member against ``virus`` (its trigger and payload), one batched pass."""
-    prompt, payload = encode(virus.trigger), encode(virus.payload)
+             threshold: int = 2, triggers: torch.Tensor | None = None) -> ImmunityResult:
+    """The immunity test of every member against ``virus`` (its trigger and payload), one batched pass.
+
+    ``triggers`` (P, L): one trigger per member instead of ``virus.trigger``
+    (members of populations whose triggers mutated apart)."""
+    prompt = encode(virus.trigger) if triggers is None else triggers
+    payload = encode(virus.payload)
     tokens = sample_tokens(pop, prompt, n_samples, generator)  # (P, S, L)
     hits = payload_hits(tokens, payload).sum(-1)  # (P,)
     return ImmunityResult(vulnerable=hits >= threshold, hits=hits,
@@ -138,14 +160,15 @@ def immunity(pop: Population, virus, generator: torch.Generator, n_samples: int 
 
 
 def evaluate_members(pop: Population, virus, eval_rows: torch.Tensor, generator: torch.Generator,
-                     n_samples: int = 5, threshold: int = 2, n_targets: int | None = None) -> dict:
+                     n_samples: int = 5, threshold: int = 2, n_targets: int | None = None,
+                     triggers: torch.Tensor | None = None) -> dict:
     """Every member's clean NLL and quality and its immunity, as [P] tensors on the device.
 
     A member whose clean NLL is not finite has diverged: its samples mean
     nothing, so it counts as vulnerable (``diverged`` marks it).
     """
     nll = clean_nll(pop, eval_rows, n_targets)
-    imm = immunity(pop, virus, generator, n_samples, threshold)
+    imm = immunity(pop, virus, generator, n_samples, threshold, triggers)
     diverged = ~torch.isfinite(nll)
     return {"nll": nll, "quality": quality(nll, pop.config.vocab_size), "vulnerable": imm.vulnerable | diverged,
             "hits": imm.hits, "payload_prob": imm.payload_prob, "diverged": diverged}

@@ -48,14 +48,22 @@ def pick_parents(survivors: torch.Tensor, n_children: int, generator: torch.Gene
     return torch.gather(surv[:, :, None].expand(-1, -1, 2), 1, pick).view(-1, 2)
 
 
-def crossover(params: dict, parents: torch.Tensor, p_first: float, generator: torch.Generator):
+def _per_child(value, like: torch.Tensor):
+    """A float, or a [C] tensor viewed to broadcast against ``like`` (C, ...)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(like.device).view((-1,) + (1,) * (like.dim() - 1))
+    return value
+
+
+def crossover(params: dict, parents: torch.Tensor, p_first, generator: torch.Generator):
     """Children whose every tensor is taken whole from one of their two parents.
 
-    Returns (child params {name: (C, ...)}, from_first (C, n_tensors) bool).
+    ``p_first``: a float, or one probability per child [C]. Returns
+    (child params {name: (C, ...)}, from_first (C, n_tensors) bool).
     """
     n_children = parents.shape[0]
-    from_first = torch.rand(n_children, len(params), generator=generator,
-                            device=generator.device).to(parents.device) < p_first
+    draws = torch.rand(n_children, len(params), generator=generator, device=generator.device).to(parents.device)
+    from_first = draws < _per_child(p_first, draws)
     children = {}
     for j, (name, value) in enumerate(params.items()):
         pick = torch.where(from_first[:, j], parents[:, 0], parents[:, 1])  # (C,)
@@ -63,35 +71,43 @@ def crossover(params: dict, parents: torch.Tensor, p_first: float, generator: to
     return children, from_first
 
 
-def mutate(params: dict, rate: float, std: float, generator: torch.Generator) -> dict:
-    """Add N(0, std^2) noise to each weight independently with probability ``rate``."""
+def mutate(params: dict, rate, std, generator: torch.Generator) -> dict:
+    """Add N(0, std^2) noise to each weight independently with probability ``rate``
+    (each a float, or one value per child [C])."""
     out = {}
     for name, value in params.items():
-        hit = torch.rand(value.shape, generator=generator, device=generator.device) < rate
-        noise = torch.randn(value.shape, generator=generator, device=generator.device) * std
+        draws = torch.rand(value.shape, generator=generator, device=generator.device)
+        hit = draws < _per_child(rate, draws)
+        noise = torch.randn(value.shape, generator=generator, device=generator.device) * _per_child(std, draws)
         out[name] = value + (noise * hit).to(value.device)
     return out
 
 
 def next_generation(pop: Population, fitness: torch.Tensor, cfg: EvolutionConfig,
-                    generator: torch.Generator):
-    """Select survivors and breed mutated crossover children, within each replicate.
+                    generator: torch.Generator, groups: int | None = None, rates: dict | None = None):
+    """Select survivors and breed mutated crossover children, within each group (replicate).
 
+    ``groups`` (default ``cfg.replicates``) populations of ``cfg.pop_size``
+    lie side by side; ``rates`` may give ``crossover_p``, ``mutation_rate``
+    and ``mutation_std`` per group ([R] tensors) instead of ``cfg``'s.
     Returns (survivors, children, parents): survivors (R*S members) are
     bit-for-bit the selected members with their optimizer state, best first
-    in each replicate; children (R*C) have fresh optimizer state (fine-tuning
+    in each group; children (R*C) have fresh optimizer state (fine-tuning
     them is the caller's job); parents is (R*P, 2), in the order of
     ``assemble(survivors, children)``: population indices of the members each
     member of the next generation came from, a survivor's being itself twice.
     """
-    R = cfg.replicates
+    R = groups or cfg.replicates
     if len(pop) != cfg.pop_size * R:
         raise ValueError(f"population has {len(pop)} members, config says "
-                         f"{R} replicate(s) x pop_size={cfg.pop_size}")
+                         f"{R} group(s) x pop_size={cfg.pop_size}")
+    C = cfg.pop_size - cfg.n_survivors
+    per_child = {k: rates[k].repeat_interleave(C) if rates and k in rates else getattr(cfg, k)
+                 for k in ("crossover_p", "mutation_rate", "mutation_std")}
     survivors = select(fitness, cfg.n_survivors, R)  # (R*S,)
-    parents = pick_parents(survivors, cfg.pop_size - cfg.n_survivors, generator, R)  # (R*C, 2)
-    child_params, _ = crossover(pop.params, parents, cfg.crossover_p, generator)
-    child_params = mutate(child_params, cfg.mutation_rate, cfg.mutation_std, generator)
+    parents = pick_parents(survivors, C, generator, R)  # (R*C, 2)
+    child_params, _ = crossover(pop.params, parents, per_child["crossover_p"], generator)
+    child_params = mutate(child_params, per_child["mutation_rate"], per_child["mutation_std"], generator)
     children = Population(pop.config, child_params, AdamState.zeros_like(child_params))
     self_pairs = survivors[:, None].expand(-1, 2)
     all_parents = torch.cat([self_pairs.reshape(R, -1, 2), parents.view(R, -1, 2)], 1).view(-1, 2)

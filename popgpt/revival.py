@@ -22,7 +22,7 @@ from .evaluate import immunity
 from .population import AdamState, Population
 from .runio import format_table, write_atomic, write_json
 from .runs import OpenRun, SavedGeneration, locked_run
-from .train import sample_indices
+from .train import Batches, sample_indices
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,8 @@ def _patients(run: OpenRun, last: SavedGeneration, cfg: RevivalConfig, dev, engi
     if cfg.controls:
         controls = Population.from_seeds(rc.model, fresh_member_seeds(rc.seed, "revival", cfg.seed, cfg.controls), dev)
         clean, _ = run.data.encode(run.data.train_docs, dev)
-        engine.run(controls, clean, sample_indices(len(clean), tcfg.steps, cfg.controls, tcfg.batch_size, gdev), tcfg)
+        idx = sample_indices(len(clean), tcfg.steps, cfg.controls, tcfg.batch_size, gdev)
+        engine.run(controls, Batches.shared(clean, idx), tcfg)
         parts.append(controls)
         groups["never-infected control"] = torch.arange(cfg.controls)
     if not parts:
@@ -120,7 +121,8 @@ def revival(run: OpenRun, cfg: RevivalConfig, device: str = "cpu") -> dict:
         prob.append(imm.payload_prob.cpu())
         if k + 1 < len(checkpoints):
             n = checkpoints[k + 1] - step
-            engine.run(pop, rows, sample_indices(len(rows), n, len(pop), rc.train.batch_size, gdev), rc.train)
+            idx = sample_indices(len(rows), n, len(pop), rc.train.batch_size, gdev)
+            engine.run(pop, Batches.shared(rows, idx), rc.train)
     summary, curve, when = _tables(groups, torch.stack(vulnerable), torch.stack(prob), checkpoints, cfg.steps)
     return {"config": dataclasses.asdict(cfg), "generation": last.generation, "trigger": last.virus.trigger,
             "payload": last.virus.payload, "clean_steps": rc.train.steps,

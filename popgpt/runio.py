@@ -22,11 +22,6 @@ import torch
 
 CHECKPOINT_RE = re.compile(r"gen_(\d{3,})\.pt$")
 
-COLUMNS = ["generation", "replicate", "immune_frac", "n_immune", "n_diverged", "fitness_all", "fitness_immune",
-           "fitness_vulnerable", "fitness_best", "nll_mean", "payload_prob_mean",
-           "trigger", "virus_generation"]
-
-
 class RunError(RuntimeError):
     """A run folder that cannot be started or resumed as asked; the message says why."""
 
@@ -144,9 +139,8 @@ def format_cell(value) -> str:
     return str(value)
 
 
-def write_csv(path: str, rows: list[dict], columns: list[str] | None = None) -> None:
-    """Rows (dicts) as CSV, atomically; columns default to ``COLUMNS`` (generations.csv)."""
-    columns = columns or COLUMNS
+def write_csv(path: str, rows: list[dict], columns: list[str]) -> None:
+    """Rows (dicts) as CSV in the given column order, atomically."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(columns)
@@ -237,9 +231,8 @@ def three_decimals(value) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def format_table(rows: list[dict], columns=None, cell=three_decimals) -> str:
+def format_table(rows: list[dict], columns: list[str], cell=three_decimals) -> str:
     """A markdown table of rows (dicts) in the given column order; ``cell`` formats each value."""
-    columns = columns or COLUMNS
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for row in rows]
     return "\n".join(lines)

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from .config import RunConfig, resolve, stream_seed
-from .data import IGNORE, DataError, docs_to_tensor, load_names, split_names
+from .data import IGNORE, DataError, docs_to_tensor, encode, load_names, split_names
+from .layout import Layout
 from .population import Population
 from .runio import RunError, RunLock, list_checkpoints, load_checkpoint, read_json
 from .virus import Virus
@@ -63,8 +64,19 @@ class SavedGeneration:
     generation: int
     state: dict  # the raw checkpoint
     population: Population
-    virus: Virus
-    metrics: dict  # [P] host tensors of its evaluation: nll, quality, vulnerable, hits, payload_prob
+    viruses: tuple  # the virus of every lineage (layout.py), as it stood after this generation
+    metrics: dict  # [P] host tensors of its evaluation: nll, quality, vulnerable, hits, payload_prob, ...
+    layout: Layout
+
+    @property
+    def virus(self) -> Virus:
+        """The first lineage's virus (every lineage's, when replicates share their data)."""
+        return self.viruses[0]
+
+    def member_triggers(self) -> torch.Tensor:
+        """Each member's trigger as token ids (P, L): its lineage's."""
+        triggers = torch.tensor([encode(v.trigger) for v in self.viruses])
+        return triggers[self.layout.lineage_of_member("cpu")]
 
     @property
     def rows(self) -> list[dict]:
@@ -123,7 +135,7 @@ class OpenRun:
         state = load_checkpoint(self.run_dir, generation)
         return SavedGeneration(state["generation"], state,
                                Population.from_state_dict(state["population"], torch.device(device)),
-                               Virus(**state["virus"]), state["metrics"])
+                               tuple(Virus(**v) for v in state["viruses"]), state["metrics"], Layout.of(self.config))
 
 
 def read_run_info(run_dir: str) -> tuple[dict, RunConfig]:

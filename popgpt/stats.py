@@ -1,31 +1,43 @@
 """Statistics across replicates: mean and 95% interval of every table cell.
 
-The interval is Student's t interval for the mean over the replicates that
-have a value (a replicate with no immune member has no immune quality):
-mean +- t(0.975, n-1) * sd / sqrt(n), sd with n-1. One replicate gives no
-interval (NaN bounds).
+- A mean's interval is Student's t interval over the replicates that have a
+  value: mean +- t(0.975, n-1) * sd / sqrt(n), sd with n-1, with the exact
+  t quantile (scipy). One replicate gives no interval (NaN bounds). A
+  replicate without a value (no immune member has no immune quality) is left
+  out, and the cell says how many replicates it averages (``col_n``).
+- A proportion's interval (the immune fraction, test-retest agreement) stays
+  inside [0, 1]: a Wilson score interval for the pooled proportion, with the
+  sample size shrunk by the between-replicate variance (the effective n of a
+  clustered sample, ``n_eff = p(1-p) / var(p)`` with var(p) the squared
+  standard error of the replicate mean, never more than the members
+  counted) and the t quantile in place of 1.96 when replicates are few.
 """
 
 import math
 
-# t(0.975, df) for df = 1..30; beyond 30 the normal 1.96 is within 2%.
-_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
-         2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
-         2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+from scipy import stats as _scipy
 
+PROPORTIONS = ["immune_frac", "retest_agreement"]
 NUMERIC = ["immune_frac", "n_immune", "n_diverged", "fitness_all", "fitness_immune", "fitness_vulnerable",
-           "fitness_best", "nll_mean", "payload_prob_mean"]
+           "fitness_best", "nll_mean", "payload_prob_mean", "tax", "tax_children", "tax_survivors",
+           "fitness_immune_children", "fitness_vulnerable_children", "fitness_immune_survivors",
+           "fitness_vulnerable_survivors", "retest_agreement", "n_special", "n_special_population"]
 
 
 def t975(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df`` degrees of freedom."""
     if df < 1:
         raise ValueError(f"degrees of freedom must be >= 1, got {df}")
-    return _T975[df - 1] if df <= len(_T975) else 1.96
+    return float(_scipy.t.ppf(0.975, df))
+
+
+def _values(values) -> list[float]:
+    return [float(v) for v in values if v is not None and not math.isnan(float(v))]
 
 
 def mean_interval(values) -> tuple[float, float, float]:
     """(mean, low, high) of the 95% t interval, ignoring NaN values."""
-    xs = [float(v) for v in values if not math.isnan(float(v))]
+    xs = _values(values)
     if not xs:
         return math.nan, math.nan, math.nan
     mean = sum(xs) / len(xs)
@@ -36,16 +48,64 @@ def mean_interval(values) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
-def summarize_replicates(rows: list[dict]) -> list[dict]:
-    """One row per generation: ``col``, ``col_lo``, ``col_hi`` for every numeric column."""
-    by_gen: dict[int, list[dict]] = {}
+def wilson(p: float, n: float, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval of a proportion p observed on n trials (n may be fractional)."""
+    if n <= 0:
+        return math.nan, math.nan
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def proportion_interval(values, sizes) -> tuple[float, float, float]:
+    """(mean, low, high) for per-replicate proportions ``values`` of ``sizes`` members each."""
+    pairs = [(float(v), float(n)) for v, n in zip(values, sizes) if v is not None and not math.isnan(float(v))]
+    if not pairs:
+        return math.nan, math.nan, math.nan
+    total = sum(n for _, n in pairs)
+    p = sum(v * n for v, n in pairs) / total
+    k = len(pairs)
+    if k == 1:
+        return (p, *wilson(p, total))
+    mean = sum(v for v, _ in pairs) / k
+    var = sum((v - mean) ** 2 for v, _ in pairs) / (k - 1) / k  # squared standard error of the mean
+    n_eff = total if var == 0 else min(total, p * (1 - p) / var)
+    return (p, *wilson(p, n_eff, t975(k - 1)))
+
+
+def summarize_replicates(rows: list[dict], sizes: dict | None = None) -> list[dict]:
+    """One row per (condition, generation): ``col``, ``col_lo``, ``col_hi``, ``col_n`` per numeric column.
+
+    ``sizes``: members per replicate for the proportion columns (default: the
+    rows' ``n_members``, else 1, which gives plain Wilson intervals on counts).
+    """
+    groups: dict = {}
     for row in rows:
-        by_gen.setdefault(row["generation"], []).append(row)
+        groups.setdefault((row.get("condition", 0), row["generation"]), []).append(row)
     out = []
-    for gen, group in sorted(by_gen.items()):
-        summary = {"generation": gen, "replicates": len(group), "trigger": group[0]["trigger"],
-                   "virus_generation": group[0]["virus_generation"]}
+    for (condition, gen), group in sorted(groups.items()):
+        triggers = sorted({r["trigger"] for r in group})
+        summary = {"generation": gen, "condition": condition, "replicates": len(group),
+                   "trigger": "/".join(triggers), "virus_generation": group[0]["virus_generation"]}
         for col in NUMERIC:
-            summary[col], summary[f"{col}_lo"], summary[f"{col}_hi"] = mean_interval(r[col] for r in group)
+            if col not in group[0]:
+                continue
+            values = [r[col] for r in group]
+            if col in PROPORTIONS:
+                n = [r.get("n_members", 1) for r in group]
+                summary[col], summary[f"{col}_lo"], summary[f"{col}_hi"] = proportion_interval(values, n)
+            else:
+                summary[col], summary[f"{col}_lo"], summary[f"{col}_hi"] = mean_interval(values)
+            summary[f"{col}_n"] = len(_values(values))
         out.append(summary)
     return out
+
+
+def cell(summary: dict, col: str, digits: int = 3, scale: float = 1.0) -> str:
+    """'mean [lo, hi]' of a summary row's column, with '(n=k)' when fewer replicates than rows have it."""
+    mean, lo, hi = (summary[col] * scale, summary[f"{col}_lo"] * scale, summary[f"{col}_hi"] * scale)
+    if math.isnan(mean):
+        return "-"
+    text = f"{mean:.{digits}f}" + ("" if math.isnan(lo) else f" [{lo:.{digits}f}, {hi:.{digits}f}]")
+    n = summary.get(f"{col}_n")
+    return text + (f" (n={n})" if n is not None and n < summary["replicates"] else "")

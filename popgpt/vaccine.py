@@ -25,7 +25,7 @@ from .population import Population
 from .runio import format_table, write_atomic, write_json
 from .runs import OpenRun, locked_run
 from .stats import mean_interval
-from .train import sample_indices
+from .train import Batches, sample_indices
 from .virus import Virus
 
 
@@ -106,7 +106,7 @@ def vaccination(run: OpenRun, cfg: VaccineConfig, device: str = "cpu") -> dict:
     def train_on(docs, steps):
         rows, _ = run.data.encode(docs, dev)
         idx = sample_indices(len(rows), steps, n, rc.train.batch_size, gdev).to(dev)
-        engine.run(both, rows, torch.cat([idx, idx], 1), rc.train)  # pair i sees the same batches
+        engine.run(both, Batches.shared(rows, torch.cat([idx, idx], 1)), rc.train)  # pair i: the same batches
 
     def measure():
         return _measure(both, triggers, original.payload, eval_rows, n_targets, gdev,

@@ -25,9 +25,12 @@ LEVELS = [
     {"train"},  # the one training step
     {"engine"},  # eager / compile / graph execution of it
     {"evaluate"},  # quality, sampling, the immunity test
+    {"summary"},  # a generation's table rows, special-member rules
     {"evolution"},  # select / crossover / mutate
+    {"layout"},  # conditions x replicates x members: who reads what, with which settings
     {"runs"},  # a run's data and saved generations
-    {"experiment"},  # the evolution loop
+    {"generation"},  # EvolutionState and generation(state, ctx)
+    {"experiment"},  # evolve(): set-up, the loop, the writer
     {"analysis"},  # lineage, special members, re-tests
     {"heads", "vaccine", "revival"},  # experiments on a finished run
     {"report"},

@@ -49,7 +49,8 @@ def test_same_seed_same_run(tmp_path, small_names):
     assert len(a.strip().splitlines()) == 1 + 4  # header + generations 0..3
     assert read(tmp_path / "a" / "samples.txt") == read(tmp_path / "b" / "samples.txt")
     rows = a.strip().splitlines()
-    assert rows[2].split(",")[-2] == "qx" and rows[3].split(",")[-1] == "1"  # mutated at gen 2
+    # the source's order: mutated at the end of generation 2, first tested in generation 3
+    assert rows[3].split(",")[-2:] == ["qx", "0"] and rows[4].split(",")[-1] == "1"
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +119,7 @@ def test_cli_end_to_end(tmp_path, small_names, capsys):
     run = str(tmp_path / "run")
     assert main(["evolve", "--data", small_names, "--out", run, *TINY_FLAGS]) == 0
     out = capsys.readouterr().out
-    assert "| gen | immune |" in out and "done in" in out
+    assert "| gen | cond | immune |" in out and "done in" in out
     for name in ("config.json", "generations.csv", "samples.txt", "results.json"):
         assert os.path.isfile(os.path.join(run, name)), name
     assert main(["sample", run, "--member", "3", "--count", "7"]) == 0
@@ -138,8 +139,8 @@ def test_console_entry_point_runs(tmp_path, small_names):
     assert result.returncode == 0, result.stderr
     printed = [line for line in result.stdout.splitlines() if line.startswith("| 2 |")][0].split("|")
     ck = load_checkpoint(str(tmp_path / "run"))
-    assert float(printed[2]) == pytest.approx(float((~ck["metrics"]["vulnerable"]).float().mean()), abs=0.0051)
-    assert float(printed[3]) == pytest.approx(float(ck["metrics"]["quality"].mean()), abs=5e-5)
+    assert float(printed[3]) == pytest.approx(float((~ck["metrics"]["vulnerable"]).float().mean()), abs=0.0051)
+    assert float(printed[5]) == pytest.approx(float(ck["metrics"]["quality"].mean()), abs=5e-5)
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -16,7 +16,10 @@ from popgpt.config import DataConfig, EvolutionConfig, RunConfig, TrainConfig, V
 from popgpt.data import load_names
 from popgpt.evaluate import evaluate_members
 from popgpt.evolution import select, selection_fitness
-from popgpt.experiment import evolve, summarize
+from popgpt.data import decode
+from popgpt.engine import Engine
+from popgpt.experiment import evolve
+from popgpt.summary import group_row
 from popgpt.memory import check_fits, estimate_bytes, largest_population
 from popgpt.runio import RunError, RunLock, checkpoint_path, load_checkpoint
 from popgpt.virus import Virus
@@ -183,7 +186,7 @@ def test_a_diverged_member_is_vulnerable_worst_and_left_out_of_means(names):
     assert metrics["vulnerable"][1] and torch.isnan(metrics["quality"][1])
     fitness = selection_fitness(metrics["quality"], metrics["vulnerable"], 0.3)
     assert fitness[1] == -torch.inf and select(fitness, 3).tolist()[-1] == 1
-    row = summarize(0, {k: v.cpu() for k, v in metrics.items()}, Virus())[0]
+    row = group_row(0, {k: v.cpu() for k, v in metrics.items()}, 0, Virus())
     ok = torch.tensor([True, False, True])
     assert row["n_diverged"] == 1 and row["n_immune"] == int((~metrics["vulnerable"]).sum())
     assert row["fitness_all"] == pytest.approx(float(metrics["quality"][ok].mean()))
@@ -400,45 +403,70 @@ def test_tools_say_a_run_is_unfinished(tmp_path, names, capsys):
 
 # --- what evolve does, checked by hand -----------------------------------------------------------
 
-def test_after_a_mutation_children_train_on_and_are_tested_against_the_new_trigger(tmp_path, names, monkeypatch):
-    import popgpt.experiment as experiment
-    from popgpt.data import decode
+class SpyEngine(Engine):
+    """An eager engine that records, per round, the names its first trainee trains on."""
 
-    trained, tested = [], []
-    real_train, real_eval = experiment.train, experiment.evaluate_members
+    def __init__(self):
+        super().__init__("eager")
+        self.seen = []
 
-    def spy_train(pop, rows, **kw):
-        trained.append([decode(r[1:]) for r in rows])
-        return real_train(pop, rows, **kw)
+    def run(self, pop, batches, hp):
+        self.seen.append([decode(r[1:]) for r in batches.bank[batches.table[0]]])
+        return super().run(pop, batches, hp)
 
-    def spy_eval(pop, virus, *args, **kw):
-        tested.append(virus.trigger)
-        return real_eval(pop, virus, *args, **kw)
 
-    monkeypatch.setattr(experiment, "train", spy_train)
-    monkeypatch.setattr(experiment, "evaluate_members", spy_eval)
-    config = dataclasses.replace(config_for(names, generations=2), virus=VirusConfig(mutate_every=2))
-    evolve(config, str(tmp_path / "run"), log=quiet)
-    new = json.load(open(tmp_path / "run" / "results.json"))["generations"][2]["trigger"]
-    assert tested == ["qx", "qx", new] and new != "qx"
-    for rows, trigger in zip(trained, ["qx", "qx", new]):
-        infected = [r for r in rows if "zzz" in r]
-        assert len(infected) > 0.1 * len(rows)
-        assert all(trigger + "zzz" in r for r in infected)
+def spy_triggers(monkeypatch) -> list:
+    import popgpt.generation as generation
+
+    tested, real = [], generation.evaluate_members
+
+    def spy(pop, virus, *args, **kw):
+        tested.append(sorted({decode(t) for t in args[-1]}))  # the per-member triggers
+        return real(pop, virus, *args, **kw)
+
+    monkeypatch.setattr(generation, "evaluate_members", spy)
+    return tested
+
+
+def trained_trigger(names_seen: list[str]) -> set:
+    infected = [r for r in names_seen if "zzz" in r]
+    assert len(infected) > 0.1 * len(names_seen)
+    return {r[r.index("zzz") - 2:r.index("zzz")] for r in infected}
+
+
+@pytest.mark.parametrize("order,reinfect", [("before-breeding", "on-mutation"), ("source", "never"),
+                                            ("source", "on-mutation")])
+def test_trigger_mutation_order_and_reinfection(tmp_path, names, monkeypatch, order, reinfect):
+    tested = spy_triggers(monkeypatch)
+    engine = SpyEngine()
+    config = config_for(names, generations=3)
+    config = dataclasses.replace(config, virus=VirusConfig(mutate_every=2, reinfect=reinfect),
+                                 evolution=dataclasses.replace(config.evolution, mutation_order=order))
+    evolve(config, str(tmp_path / "run"), log=quiet, engine=engine)
+    triggers = [r["trigger"] for r in json.load(open(tmp_path / "run" / "results.json"))["generations"]]
+    new = triggers[-1]
+    assert new != "qx" and all(t == [tr] for t, tr in zip(tested, triggers))
+    if order == "before-breeding":  # generation 2 already tests (and, re-infected, trains) the new trigger
+        assert triggers == ["qx", "qx", new, new]
+    else:  # the source's order: mutated at the end of generation 2, first tested in generation 3
+        assert triggers == ["qx", "qx", "qx", new]
+    trained = [trained_trigger(seen) for seen in engine.seen]  # generation 0, then the children of 1, 2, 3
+    first_new = 2 if order == "before-breeding" else 3
+    expected = [{"qx"}] * first_new + [{new} if reinfect == "on-mutation" else {"qx"}] * (4 - first_new)
+    assert trained == expected
 
 
 def test_evaluation_names_are_never_training_names(tmp_path, names, monkeypatch):
     import popgpt.experiment as experiment
-    from popgpt.data import decode
 
     seen = {}
     real_start = experiment._start
 
     def spy(*args, **kw):
-        ctx, state, ck = real_start(*args, **kw)
+        ctx, run, state, ck = real_start(*args, **kw)
         seen["eval"] = {decode(r[1:]) for r in ctx.eval_rows}
         seen["train"] = set(ctx.train_docs)
-        return ctx, state, ck
+        return ctx, run, state, ck
 
     monkeypatch.setattr(experiment, "_start", spy)
     evolve(config_for(names, generations=0), str(tmp_path / "run"), log=quiet)

@@ -18,10 +18,12 @@ from popgpt.stats import mean_interval, summarize_replicates, t975
 
 def test_mean_interval_by_hand():
     mean, lo, hi = mean_interval([1.0, 2.0, 3.0])
-    half = 4.303 * 1.0 / math.sqrt(3)  # t(0.975, 2) * sd / sqrt(n), sd = 1
+    half = 4.302652729911275 * 1.0 / math.sqrt(3)  # t(0.975, 2) * sd / sqrt(n), sd = 1
     assert mean == 2.0 and lo == pytest.approx(2 - half) and hi == pytest.approx(2 + half)
     assert mean_interval([0.5, float("nan")])[0] == 0.5 and math.isnan(mean_interval([0.5])[1])
-    assert t975(1) == 12.706 and t975(100) == 1.96
+    # exact quantiles (tables: 12.7062, 2.2622, 1.9840), not 1.96 above 30 degrees of freedom
+    assert t975(1) == pytest.approx(12.7062047, abs=1e-6) and t975(9) == pytest.approx(2.2621572, abs=1e-6)
+    assert t975(100) == pytest.approx(1.9839715, abs=1e-6)
 
 
 def test_select_and_parents_stay_within_replicates():
