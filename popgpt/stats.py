@@ -9,8 +9,10 @@
   inside [0, 1]: a Wilson score interval for the pooled proportion, with the
   sample size shrunk by the between-replicate variance (the effective n of a
   clustered sample, ``n_eff = p(1-p) / var(p)`` with var(p) the squared
-  standard error of the replicate mean, never more than the members
-  counted) and the t quantile in place of 1.96 when replicates are few.
+  standard error of the replicate mean) and the t quantile in place of
+  1.96, since that variance comes from few replicates. When the replicates
+  vary no more than binomial draws would, the plain Wilson interval of the
+  pooled counts is used.
 """
 
 import math
@@ -69,8 +71,9 @@ def proportion_interval(values, sizes) -> tuple[float, float, float]:
         return (p, *wilson(p, total))
     mean = sum(v for v, _ in pairs) / k
     var = sum((v - mean) ** 2 for v, _ in pairs) / (k - 1) / k  # squared standard error of the mean
-    n_eff = total if var == 0 else min(total, p * (1 - p) / var)
-    return (p, *wilson(p, n_eff, t975(k - 1)))
+    if var == 0 or p * (1 - p) / var >= total:  # replicates agree as binomial draws would: pooled counts
+        return (p, *wilson(p, total))
+    return (p, *wilson(p, p * (1 - p) / var, t975(k - 1)))
 
 
 def summarize_replicates(rows: list[dict], sizes: dict | None = None) -> list[dict]:
