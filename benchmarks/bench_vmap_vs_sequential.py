@@ -80,7 +80,7 @@ def sequential_models(cfg, seeds, tcfg, device, dtype):
 
 
 def population(cfg, seeds, device, dtype):
-    pop = Population.from_seeds(cfg, seeds, device)
+    pop = Population.from_seeds(cfg, seeds, device=device)
     return Population(cfg, {k: v.to(dtype) for k, v in pop.params.items()})
 
 

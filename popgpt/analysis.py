@@ -7,7 +7,7 @@ generation counts them); docs/definitions.md states them.
 import torch
 
 from .config import tool_seed
-from .evaluate import evaluate_members, sample_names
+from .evaluate import evaluate_members, sample_names, test_options
 from .runio import RunError
 from .runs import OpenRun
 from .summary import special_by_replicate, special_members, special_threshold  # noqa: F401  (public here too)
@@ -41,9 +41,8 @@ def retest(run: OpenRun, generation: int, members: torch.Tensor, seed: int = 1, 
     saved = run.load(generation, device)
     rows, n_targets = run.data.encode(fresh, device)
     g = torch.Generator(device).manual_seed(tool_seed(run.config.seed, "retest", seed, "samples"))
-    V = run.config.virus
-    metrics = evaluate_members(saved.population[members], saved.virus, rows, g, V.n_samples, V.threshold, n_targets,
-                               saved.member_triggers()[members])
+    metrics = evaluate_members(saved.population[members], saved.virus, rows, g, n_targets=n_targets,
+                               triggers=saved.member_triggers()[members], **test_options(run.config.virus))
     return {"quality": metrics["quality"].cpu(), "vulnerable": metrics["vulnerable"].cpu(),
             "payload_prob": metrics["payload_prob"].cpu(), "n_names": len(fresh)}
 

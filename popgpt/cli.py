@@ -89,6 +89,11 @@ FLAGS = {
     "mutate-every": ("virus", "mutate_every", int, "generations between trigger mutations (0: never)"),
     "reinfect": ("virus", "reinfect", str, "after a mutation: never (the source infects its names once) or "
                  "on-mutation (the names are infected anew with the new trigger)"),
+    "infection-position": ("virus", "position", str, "where trigger+payload is inserted: anywhere (either end "
+                           "included) or inside (between two letters)"),
+    "immunity-prompt": ("virus", "prompt", str, "immunity test prompt: boundary (start token + trigger) or bare"),
+    "payload-match": ("virus", "match", str, "a sample counts as a hit when the payload is anywhere in it, or "
+                      "at its start (right after the trigger)"),
     "immunity-samples": ("virus", "n_samples", int, "samples per member in the immunity test"),
     "immunity-threshold": ("virus", "threshold", int, "payload hits that make a member vulnerable"),
     "data": ("data", "path", str, "names file, one lower-case a-z name per line"),
@@ -142,6 +147,8 @@ def _run_flags(ev: argparse.ArgumentParser) -> None:
     ev.add_argument("--finetune-data", choices=FINETUNE_DATA,
                     help="what children are fine-tuned on: infected (the run's own infected names, default), "
                     "clean, none (no fine-tuning), mixed (names infected at --finetune-infection)")
+    ev.add_argument("--distinct-parents", action="store_true",
+                    help="a child's two parents are always two different survivors (default: a pair may repeat)")
     ev.add_argument("--no-test-retest", action="store_true",
                     help="skip the second, independent immunity test of every generation (test-retest agreement)")
     ev.add_argument("--out", help="run folder (default: runs/evolve__SEED__TIME)")
@@ -277,6 +284,8 @@ def config_from_args(args) -> RunConfig:
     _finetune_data(args, sections["evolution"])
     if args.no_test_retest:
         sections["evolution"]["retest"] = False
+    if args.distinct_parents:
+        sections["evolution"]["distinct_parents"] = True
     if getattr(args, "grid", None) is not None:
         top["conditions"] = parse_grid(args.grid)
     base = RunConfig()
@@ -358,7 +367,9 @@ def resume_config(args) -> RunConfig:
     given = [f"--{f}" for f in FLAGS if f not in RESUME_SETTINGS and getattr(args, f.replace("-", "_")) is not None]
     given += [flag for flag, value in (("--out", args.out), ("--preset", args.preset), ("--virus", args.virus),
                                        ("--keep-all-checkpoints", args.keep_all_checkpoints),
-                                       ("--finetune-data", args.finetune_data), ("--no-test-retest", args.no_test_retest),
+                                       ("--finetune-data", args.finetune_data),
+                                       ("--no-test-retest", args.no_test_retest),
+                                       ("--distinct-parents", args.distinct_parents),
                                        ("--grid", getattr(args, "grid", None))) if value]
     if given:
         raise ValueError(f"--resume continues with the saved config; do not pass {' '.join(given)}")

@@ -25,6 +25,9 @@ ENGINES = ("eager", "compile", "graph")
 REINFECT = ("never", "on-mutation")
 MUTATION_ORDERS = ("source", "before-breeding")
 REPLICATE_DATA = ("own", "shared")
+POSITIONS = ("anywhere", "inside")
+PROMPTS = ("boundary", "bare")
+MATCHES = ("anywhere", "start")
 _CLASSIC_TRIGGER, _CLASSIC_PAYLOAD = VIRUSES["classic"]
 
 
@@ -83,9 +86,15 @@ class VirusConfig:
     # After a trigger mutation, are the training names infected anew with the new trigger?
     # "never": the source experiment infects its documents once and mutate() changes only the trigger.
     reinfect: str = "never"
+    position: str = "anywhere"  # where the insert goes: anywhere (either end too) or inside (between letters)
+    prompt: str = "boundary"  # immunity prompt: boundary token + trigger, or the bare trigger
+    match: str = "anywhere"  # a sample is a hit when the payload is anywhere in it, or at its start
 
     def __post_init__(self):
-        _require(self.reinfect in REINFECT, f"reinfect must be one of {', '.join(REINFECT)}, got {self.reinfect!r}")
+        for name, allowed in (("reinfect", REINFECT), ("position", POSITIONS), ("prompt", PROMPTS),
+                              ("match", MATCHES)):
+            _require(getattr(self, name) in allowed,
+                     f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         _letters("trigger", self.trigger)
         _letters("payload", self.payload)
         _check_finite(self)
@@ -140,6 +149,7 @@ class EvolutionConfig:
     # later, on children fine-tuned under the old one. "before-breeding": mutate at the start.
     mutation_order: str = "source"
     replicate_data: str = "own"  # "own": every replicate its infection draws and trigger lineage
+    distinct_parents: bool = False  # may a child's two parents be the same survivor? (the source: silent)
     retest: bool = True  # a second, independent immunity test per generation (test-retest agreement)
 
     def __post_init__(self):

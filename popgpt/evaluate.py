@@ -61,21 +61,24 @@ def quality(nll: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return 1.0 - nll / math.log(vocab_size)
 
 
-def member_prompts(prompt, pop: Population) -> torch.Tensor:
-    """``boundary + prompt`` for every member: (P, 1 + L) on the device.
+def member_prompts(prompt, pop: Population, start_token: bool = True) -> torch.Tensor:
+    """``boundary + prompt`` (or the bare prompt) for every member: (P, L') on the device.
 
     ``prompt``: token ids shared by all members (a list), or per member (P, L)."""
+    head = [BOUNDARY] if start_token else []
     if isinstance(prompt, torch.Tensor):
         if prompt.dim() != 2 or prompt.shape[0] != len(pop):
             raise ValueError(f"per-member prompts must be (P={len(pop)}, L), got {tuple(prompt.shape)}")
-        start = torch.full((len(pop), 1), BOUNDARY, dtype=torch.long, device=pop.device)
+        start = torch.full((len(pop), len(head)), BOUNDARY, dtype=torch.long, device=pop.device)
         return torch.cat([start, prompt.to(pop.device, torch.long)], 1)
-    return on_device([BOUNDARY, *prompt], pop.device)[None].expand(len(pop), -1)
+    if not head and not prompt:
+        raise ValueError("an empty prompt needs the start token")
+    return on_device([*head, *prompt], pop.device)[None].expand(len(pop), -1)
 
 
 @torch.no_grad()
 def sample_tokens(pop: Population, prompt, n_samples: int, generator: torch.Generator,
-                  temperature: float = 1.0) -> torch.Tensor:
+                  temperature: float = 1.0, start_token: bool = True) -> torch.Tensor:
     """Continue ``boundary + prompt`` n_samples times per member: (P, S, L) tokens.
 
     ``prompt``: a list of token ids for all members, or a (P, L) tensor, one
@@ -88,7 +91,7 @@ def sample_tokens(pop: Population, prompt, n_samples: int, generator: torch.Gene
     never checks its input on the host.
     """
     P, T = len(pop), pop.config.block_size
-    start = member_prompts(prompt, pop)  # (P, 1 + L)
+    start = member_prompts(prompt, pop, start_token)  # (P, n)
     n = start.shape[1]
     if n > T:
         raise ValueError(f"prompt of {n - 1} tokens leaves no room in block_size {T}")
@@ -104,21 +107,25 @@ def sample_tokens(pop: Population, prompt, n_samples: int, generator: torch.Gene
     return out.masked_fill(ended, BOUNDARY)
 
 
-def payload_hits(tokens: torch.Tensor, payload: list[int]) -> torch.Tensor:
-    """Whether the payload appears anywhere in each sample's text: (P, S) bool."""
+def payload_hits(tokens: torch.Tensor, payload: list[int], match: str = "anywhere") -> torch.Tensor:
+    """Whether each sample's text holds the payload: (P, S) bool. ``match``: ``anywhere`` in it, or
+    only right at its ``start`` (immediately after the trigger)."""
     k = len(payload)
     if tokens.shape[-1] < k:
         return torch.zeros(tokens.shape[:-1], dtype=torch.bool, device=tokens.device)
+    target = on_device(payload, tokens.device)
+    if match == "start":
+        return (tokens[..., :k] == target).all(-1)
     windows = tokens.unfold(-1, k, 1)  # (P, S, L-k+1, k)
-    return (windows == on_device(payload, tokens.device)).all(-1).any(-1)
+    return (windows == target).all(-1).any(-1)
 
 
 @torch.no_grad()
-def payload_probability(pop: Population, prompt, payload: list[int]) -> torch.Tensor:
+def payload_probability(pop: Population, prompt, payload: list[int], start_token: bool = True) -> torch.Tensor:
     """Exact P(payload | boundary + prompt) per member under teacher forcing: [P].
 
     ``prompt``: shared token ids (a list) or one prompt per member (P, L)."""
-    start = member_prompts(prompt, pop)  # (P, 1 + L)
+    start = member_prompts(prompt, pop, start_token)  # (P, n)
     seq = torch.cat([start, on_device(payload, pop.device)[None].expand(len(pop), -1)], 1)  # (P, 1 + L + k)
     logp = pop.logits(seq[:, None, :-1]).log_softmax(-1)[:, 0]  # (P, T, V)
     pos = torch.arange(start.shape[1] - 1, seq.shape[1] - 1, device=pop.device)
@@ -146,29 +153,39 @@ class ImmunityResult:
 
 
 def immunity(pop: Population, virus, generator: torch.Generator, n_samples: int = 5,
-             threshold: int = 2, triggers: torch.Tensor | None = None) -> ImmunityResult:
+             threshold: int = 2, triggers: torch.Tensor | None = None, start_token: bool = True,
+             match: str = "anywhere") -> ImmunityResult:
     """The immunity test of every member against ``virus`` (its trigger and payload), one batched pass.
 
     ``triggers`` (P, L): one trigger per member instead of ``virus.trigger``
-    (members of populations whose triggers mutated apart)."""
+    (members of populations whose triggers mutated apart). ``start_token``:
+    prompt with the boundary token before the trigger (else the bare
+    trigger); ``match``: where in a sample the payload counts (see
+    ``payload_hits``)."""
     prompt = encode(virus.trigger) if triggers is None else triggers
     payload = encode(virus.payload)
-    tokens = sample_tokens(pop, prompt, n_samples, generator)  # (P, S, L)
-    hits = payload_hits(tokens, payload).sum(-1)  # (P,)
+    tokens = sample_tokens(pop, prompt, n_samples, generator, start_token=start_token)  # (P, S, L)
+    hits = payload_hits(tokens, payload, match).sum(-1)  # (P,)
     return ImmunityResult(vulnerable=hits >= threshold, hits=hits,
-                          payload_prob=payload_probability(pop, prompt, payload))
+                          payload_prob=payload_probability(pop, prompt, payload, start_token))
+
+
+def test_options(virus_config) -> dict:
+    """The immunity test's settings from a run's VirusConfig, as keyword arguments of ``immunity``."""
+    return {"n_samples": virus_config.n_samples, "threshold": virus_config.threshold,
+            "start_token": virus_config.prompt == "boundary", "match": virus_config.match}
 
 
 def evaluate_members(pop: Population, virus, eval_rows: torch.Tensor, generator: torch.Generator,
                      n_samples: int = 5, threshold: int = 2, n_targets: int | None = None,
-                     triggers: torch.Tensor | None = None) -> dict:
+                     triggers: torch.Tensor | None = None, **options) -> dict:
     """Every member's clean NLL and quality and its immunity, as [P] tensors on the device.
 
     A member whose clean NLL is not finite has diverged: its samples mean
     nothing, so it counts as vulnerable (``diverged`` marks it).
     """
     nll = clean_nll(pop, eval_rows, n_targets)
-    imm = immunity(pop, virus, generator, n_samples, threshold, triggers)
+    imm = immunity(pop, virus, generator, n_samples, threshold, triggers, **options)
     diverged = ~torch.isfinite(nll)
     return {"nll": nll, "quality": quality(nll, pop.config.vocab_size), "vulnerable": imm.vulnerable | diverged,
             "hits": imm.hits, "payload_prob": imm.payload_prob, "diverged": diverged}

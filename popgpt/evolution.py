@@ -5,6 +5,8 @@ per-member Python loop and no state_dict copies. The loop that composes
 them with training and evaluation lives in ``experiment.py``.
 """
 
+import functools
+
 import torch
 
 from .config import EvolutionConfig
@@ -36,15 +38,21 @@ def select(fitness: torch.Tensor, n_survivors: int, replicates: int = 1) -> torc
 
 
 def pick_parents(survivors: torch.Tensor, n_children: int, generator: torch.Generator,
-                 replicates: int = 1) -> torch.Tensor:
+                 replicates: int = 1, distinct: bool = False) -> torch.Tensor:
     """Random survivor pairs (R*n_children, 2), each pair from its own replicate's survivors.
 
     ``survivors``: [R*S] population indices as ``select`` returns them. A
-    pair may repeat a parent.
+    pair may repeat a parent unless ``distinct`` (then the second parent is
+    uniform over the other survivors; one survivor alone still pairs with itself).
     """
     surv = survivors.view(replicates, -1)  # (R, S)
-    pick = torch.randint(surv.shape[1], (replicates, n_children, 2), generator=generator,
-                         device=generator.device).to(survivors.device)
+    S, device = surv.shape[1], generator.device
+    if distinct and S > 1:  # second = first + 1 + uniform{0..S-2} (mod S): uniform over the others
+        first = torch.randint(S, (replicates, n_children), generator=generator, device=device)
+        offset = torch.randint(S - 1, (replicates, n_children), generator=generator, device=device)
+        pick = torch.stack([first, (first + 1 + offset) % S], -1).to(survivors.device)
+    else:
+        pick = torch.randint(S, (replicates, n_children, 2), generator=generator, device=device).to(survivors.device)
     return torch.gather(surv[:, :, None].expand(-1, -1, 2), 1, pick).view(-1, 2)
 
 
@@ -105,7 +113,7 @@ def next_generation(pop: Population, fitness: torch.Tensor, cfg: EvolutionConfig
     per_child = {k: rates[k].repeat_interleave(C) if rates and k in rates else getattr(cfg, k)
                  for k in ("crossover_p", "mutation_rate", "mutation_std")}
     survivors = select(fitness, cfg.n_survivors, R)  # (R*S,)
-    parents = pick_parents(survivors, C, generator, R)  # (R*C, 2)
+    parents = pick_parents(survivors, C, generator, R, cfg.distinct_parents)  # (R*C, 2)
     child_params, _ = crossover(pop.params, parents, per_child["crossover_p"], generator)
     child_params = mutate(child_params, per_child["mutation_rate"], per_child["mutation_std"], generator)
     children = Population(pop.config, child_params, AdamState.zeros_like(child_params))
@@ -117,7 +125,8 @@ def next_generation(pop: Population, fitness: torch.Tensor, cfg: EvolutionConfig
 def assemble(survivors: Population, children: Population, replicates: int = 1) -> Population:
     """The next generation, replicate-major: each replicate's survivors, then its children."""
     S, C = len(survivors) // replicates, len(children) // replicates
-    order = torch.cat([torch.arange(replicates * S).view(replicates, S),
-                       replicates * S + torch.arange(replicates * C).view(replicates, C)], 1).flatten()
     both = Population.cat([survivors, children])
+    arange = functools.partial(torch.arange, device=both.device)
+    order = torch.cat([arange(replicates * S).view(replicates, S),
+                       replicates * S + arange(replicates * C).view(replicates, C)], 1).flatten()
     return both if replicates == 1 else both[order]

@@ -124,14 +124,22 @@ def _start(config: RunConfig, data, run_dir: str, resume: bool, force: bool, eng
     device = torch.device(config.device)
     env = environment(device, __version__)
     _write_config(run_dir, config, saved, file_sha256(config.data.path), env, force, log)
+    ck = load_checkpoint(run_dir) if saved else None
+    ctx = make_context(config, data, engine, timer)
+    ctx.timer.seconds = dict(ck.get("phase_seconds", {})) if ck else {}
+    run = Run(run_dir, env, time.perf_counter() - (ck.get("elapsed_seconds", 0.0) if ck else 0.0))
+    return ctx, run, (EvolutionState.from_checkpoint(ck, ctx) if ck else init_state(ctx)), ck
+
+
+def make_context(config: RunConfig, data, engine: Engine | None = None, timer: PhaseTimer | None = None) -> Context:
+    """What every generation of a run uses: the layout, the encoded held-out names, the engine.
+
+    ``config`` and ``data`` as ``prepare`` returns them."""
+    device = torch.device(config.device)
     engine = engine or Engine(default_engine(device) if config.engine == "auto" else config.engine)
     eval_rows, n_targets = data.encode(data.eval_docs, device)
-    ck = load_checkpoint(run_dir) if saved else None
-    timer = timer or PhaseTimer()
-    timer.seconds = dict(ck.get("phase_seconds", {})) if ck else {}
-    run = Run(run_dir, env, time.perf_counter() - (ck.get("elapsed_seconds", 0.0) if ck else 0.0))
-    ctx = Context(config, Layout.of(config), data.train_docs, eval_rows, n_targets, engine, timer, device)
-    return ctx, run, (EvolutionState.from_checkpoint(ck, ctx) if ck else init_state(ctx)), ck
+    return Context(config, Layout.of(config), data.train_docs, eval_rows, n_targets, engine, timer or PhaseTimer(),
+                   device)
 
 
 def csv_columns(config: RunConfig) -> list[str]:
@@ -189,9 +197,10 @@ def _header(ctx: Context, run: Run) -> list[str]:
         groups.append(f"{layout.replicates} replicates")
     lines = [f"popgpt {env['popgpt']} | torch {env['torch']} | {env['device']} ({env['device_name']}) "
              f"| threads {env['threads']} | engine {ctx.engine.kind} | run folder {run.run_dir}",
-             " x ".join(groups + [f"{layout.pop_size} members"]) + f" = {cfg.n_members} members x {n_params} "
-             f"parameters | {len(ctx.train_docs)} training names, {len(ctx.eval_rows)} held-out names scored | "
-             f"block size {cfg.model.block_size} | tokens per member-step {cfg.train.batch_size * cfg.model.block_size}"]
+             (" x ".join(groups + [f"{layout.pop_size} members"]) + " = " if groups else "")
+             + f"{cfg.n_members} members x {n_params} parameters | {len(ctx.train_docs)} training names, "
+             f"{len(ctx.eval_rows)} held-out names scored | block size {cfg.model.block_size} | "
+             f"tokens per member-step {cfg.train.batch_size * cfg.model.block_size}"]
     lines += [f"condition {i}: {condition_label(c)}" for i, c in enumerate(cfg.conditions)]
     return lines
 

@@ -31,8 +31,10 @@ import torch
 
 from .config import RunConfig, stream_seed, tool_seed
 from .data import docs_to_tensor, encode
+from .device import host_read as permitted_read
+from .device import tensor, to_device
 from .engine import Engine
-from .evaluate import evaluate_members, immunity
+from .evaluate import evaluate_members, immunity, test_options
 from .evolution import assemble, next_generation, selection_fitness
 from .layout import Layout
 from .population import Population, default_seeds
@@ -107,7 +109,7 @@ class EvolutionState:
 def _empty_bank(ctx: Context) -> torch.Tensor:
     rows = docs_to_tensor(ctx.train_docs, ctx.config.model.block_size).to(torch.int8)  # clean names
     bank = rows[None].repeat(ctx.layout.n_tables, 1, 1)
-    return bank.to(ctx.device)
+    return to_device(bank, ctx.device)
 
 
 def _infect(bank: torch.Tensor, ctx: Context, lineage: int, virus: Virus, generator: torch.Generator):
@@ -121,8 +123,8 @@ def _infect(bank: torch.Tensor, ctx: Context, lineage: int, virus: Virus, genera
     if ft != layout.train_table[lineage] and ft != layout.clean_table:
         tables.append((ft, layout.lineage_infection(lineage)))
     for table, rate in tables:
-        infected, _ = virus.infect(ctx.train_docs, rate, generator)
-        bank[table] = docs_to_tensor(infected, block).to(torch.int8).to(bank.device)
+        infected, _ = virus.infect(ctx.train_docs, rate, generator, condition.virus.position)
+        bank[table] = to_device(docs_to_tensor(infected, block).to(torch.int8), bank.device)
     return state
 
 
@@ -138,7 +140,7 @@ def init_state(ctx: Context) -> EvolutionState:
         states.append(_infect(bank, ctx, lineage, virus, host))
         hosts.append(host)
         viruses.append(virus)
-    pop = Population.from_seeds(cfg.model, default_seeds(cfg.n_members, cfg.seed), ctx.device)
+    pop = Population.from_seeds(cfg.model, default_seeds(cfg.n_members, cfg.seed), device=ctx.device)
     dev = torch.Generator(ctx.device).manual_seed(stream_seed(cfg.seed, "device"))
     retest = torch.Generator(ctx.device).manual_seed(stream_seed(cfg.seed, "retest"))
     return EvolutionState(-1, pop, tuple(viruses), tuple(v.trigger for v in viruses), tuple(states),
@@ -179,18 +181,18 @@ def _train(pop: Population, state: EvolutionState, ctx: Context, finetune: bool)
 
 def member_triggers(state: EvolutionState, ctx: Context) -> torch.Tensor:
     """Each member's current trigger as token ids: (P, L)."""
-    triggers = torch.tensor([encode(v.trigger) for v in state.viruses], device=ctx.device)  # (lineages, L)
+    triggers = tensor([encode(v.trigger) for v in state.viruses], ctx.device, torch.long)  # (lineages, L)
     return triggers[ctx.layout.lineage_of_member(ctx.device)]
 
 
 def _evaluate(pop: Population, state: EvolutionState, ctx: Context) -> tuple[dict, torch.Tensor]:
     """Every member's metrics (device [P] tensors) and selection fitness."""
-    V = ctx.config.virus
+    options = test_options(ctx.config.virus)
     triggers = member_triggers(state, ctx)
-    metrics = evaluate_members(pop, state.viruses[0], ctx.eval_rows, state.dev, V.n_samples, V.threshold,
-                               ctx.n_targets, triggers)
+    metrics = evaluate_members(pop, state.viruses[0], ctx.eval_rows, state.dev, n_targets=ctx.n_targets,
+                               triggers=triggers, **options)
     if ctx.config.evolution.retest:
-        again = immunity(pop, state.viruses[0], state.retest, V.n_samples, V.threshold, triggers)
+        again = immunity(pop, state.viruses[0], state.retest, triggers=triggers, **options)
         metrics["retest_vulnerable"] = again.vulnerable | metrics["diverged"]
     fitness = selection_fitness(metrics["quality"], metrics["vulnerable"], ctx.layout.penalty(ctx.device))
     return metrics, fitness
@@ -216,7 +218,8 @@ def generation(state: EvolutionState, ctx: Context) -> tuple[EvolutionState, dic
             pop = assemble(survivors, children, layout.n_groups)
     with timer("evaluation", device):
         metrics, fitness = _evaluate(pop, state, ctx)
-        host, lineage = host_read(metrics, parents)
+        with permitted_read():  # the generation's one read to the host
+            host, lineage = host_read(metrics, parents)
     rows = summarize(gen, host, state, ctx)
     state = dataclasses.replace(state, generation=gen, pop=pop, fitness=fitness, metrics=host,
                                 parents=state.parents + ((lineage,) if lineage is not None else ()),

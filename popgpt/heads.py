@@ -120,7 +120,7 @@ def heads_tables(run: OpenRun, generation: int | None = None, n_names: int = 200
     metrics = head_metrics(pop, encode(virus.trigger), encode(virus.payload), rows)
     head = {k: v.cpu() for k, v in trigger_head(metrics).items()}
     q, vul = saved.metrics["quality"], saved.metrics["vulnerable"]
-    special, _ = special_by_replicate(q, ~vul, run.replicates, sigma)
+    special, _ = special_by_replicate(q, ~vul, saved.layout.n_groups, sigma)
     labels = classify(head, vul) if vul.any() else ["n/a (no vulnerable reference)"] * len(vul)
     groups = {"special": special, "ordinary immune": ~vul & ~special, "vulnerable": vul}
     table = []

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import RunConfig, condition_configs
+from .device import tensor
 from .train import Hyper
 
 
@@ -89,12 +90,12 @@ class Layout:
 
     def per_member(self, values: list, device, dtype=None) -> torch.Tensor:
         """One value per group, repeated for its P members: [G*P]."""
-        return torch.tensor(values, dtype=dtype, device=device).repeat_interleave(self.pop_size)
+        return tensor(values, device, dtype).repeat_interleave(self.pop_size)
 
     def per_child(self, values: list, device, dtype=None) -> torch.Tensor:
         """One value per group, repeated for its children: [G*C]."""
         C = self.pop_size - self.config.evolution.n_survivors
-        return torch.tensor(values, dtype=dtype, device=device).repeat_interleave(C)
+        return tensor(values, device, dtype).repeat_interleave(C)
 
     def group_values(self, fn) -> list:
         """``fn(condition config)`` for every group."""
@@ -124,7 +125,7 @@ class Layout:
 
     def rates(self, device) -> dict:
         """Breeding settings per group: crossover_p, mutation_rate, mutation_std ([G] tensors)."""
-        return {k: torch.tensor(self.group_values(lambda c, k=k: getattr(c.evolution, k)), device=device)
+        return {k: tensor(self.group_values(lambda c, k=k: getattr(c.evolution, k)), device)
                 for k in ("crossover_p", "mutation_rate", "mutation_std")}
 
     def penalty(self, device) -> torch.Tensor:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch.func import functional_call, stack_module_state
 
+from .device import to_device
 from .model import MicroGPT, ModelConfig
 
 
@@ -79,7 +80,7 @@ class Population:
             self.base = MicroGPT(config)
 
     @classmethod
-    def from_seeds(cls, config: ModelConfig, seeds=None, n: int | None = None,
+    def from_seeds(cls, config: ModelConfig, seeds=None, *, n: int | None = None,
                    device: str | torch.device = "cpu") -> "Population":
         """Member i equals ``MicroGPT(config)`` built alone under ``torch.manual_seed(seeds[i])``."""
         if seeds is None:
@@ -109,7 +110,7 @@ class Population:
         if isinstance(index, list):
             index = torch.tensor(index, dtype=torch.long)
         if isinstance(index, torch.Tensor):
-            index = index.to(self.device)
+            index = to_device(index, self.device)
         return Population(self.config, _index(self.params, index), self.opt.index(index))
 
     @classmethod

@@ -10,38 +10,53 @@ import os
 
 import torch
 
+from . import compare
 from .analysis import ancestry, retest, special_by_replicate
+from .config import condition_label
 from .runio import format_table, write_atomic, write_json
 from .runs import OpenRun, locked_run
-from .stats import mean_interval
+from .stats import cell, summarize_replicates
 
-TABLE_COLUMNS = ["generation", "trigger", "immune_pct", "quality_all", "quality_immune",
-                 "quality_vulnerable", "tax", "payload_prob"]
+TABLE_COLUMNS = ["generation", "trigger", "immune_pct", "retest", "quality_all", "quality_immune",
+                 "quality_vulnerable", "tax", "tax_children", "special", "special_population", "payload_prob"]
+
+# report column -> (generations.csv column, scale, digits)
+_CELLS = {"immune_pct": ("immune_frac", 100, 1), "retest": ("retest_agreement", 1, 2),
+          "quality_all": ("fitness_all", 1, 3), "quality_immune": ("fitness_immune", 1, 3),
+          "quality_vulnerable": ("fitness_vulnerable", 1, 3), "tax": ("tax", 1, 3),
+          "tax_children": ("tax_children", 1, 3), "payload_prob": ("payload_prob_mean", 1, 2)}
 
 
-def generation_table(rows: list[dict], replicates: int = 1) -> list[dict]:
-    """The source experiment's columns (docs/definitions.md); ``tax`` = quality of vulnerable
-    minus quality of immune members.
+def generation_table(rows: list[dict], replicates: int = 1, condition: int = 0) -> list[dict]:
+    """The source experiment's columns (docs/definitions.md) and popgpt's additions, per generation of
+    one condition. ``tax`` = quality of vulnerable minus immune members (pooled), ``tax_children``
+    the same among children only (like with like); ``retest``: share of members whose immunity
+    verdict a second, independent test repeats; ``special``: the source rule's count, with the most
+    sd any member could stand above the immune mean ((n-1)/sqrt(n) for n immune) in brackets.
 
-    With replicates, every cell is "mean [95% interval]" across them (the tax
-    interval is over the per-replicate differences).
+    With replicates, every cell is "mean [95% interval]" across them (intervals of proportions stay
+    inside [0, 100%]; "(n=k)" when only k replicates have a value); special counts are the total
+    over replicates (each replicate's count in brackets).
     """
-    rows = [dict(r, tax=r["fitness_vulnerable"] - r["fitness_immune"], immune_pct=100 * r["immune_frac"])
-            for r in rows]
-    cols = {"immune_pct": "immune_pct", "quality_all": "fitness_all", "quality_immune": "fitness_immune",
-            "quality_vulnerable": "fitness_vulnerable", "tax": "tax", "payload_prob": "payload_prob_mean"}
+    rows = [r for r in rows if r.get("condition", 0) == condition]
     if replicates == 1:
-        return [{"generation": r["generation"], "trigger": r["trigger"], **{k: r[v] for k, v in cols.items()}}
-                for r in rows]
-    out = []
-    for gen in sorted({r["generation"] for r in rows}):
-        group = [r for r in rows if r["generation"] == gen]
-        cells = {}
-        for k, v in cols.items():
-            mean, lo, hi = mean_interval(r[v] for r in group)
-            cells[k] = f"{mean:.3f} [{lo:.3f}, {hi:.3f}]"
-        out.append({"generation": gen, "trigger": group[0]["trigger"], **cells})
-    return out
+        return [{"generation": r["generation"], "trigger": r["trigger"],
+                 **{k: _plain(r, col, scale, digits) for k, (col, scale, digits) in _CELLS.items()},
+                 "special": f"{r['n_special']} ({r['special_ceiling']:.2f})",
+                 "special_population": str(r["n_special_population"])} for r in rows]
+    table = []
+    for s in summarize_replicates(rows):
+        reps = [r for r in rows if r["generation"] == s["generation"]]
+        table.append({"generation": s["generation"], "trigger": s["trigger"],
+                      **{k: cell(s, col, digits, scale) for k, (col, scale, digits) in _CELLS.items()},
+                      **{k: f"{sum(r[col] for r in reps)} ({'+'.join(str(r[col]) for r in reps)})"
+                         for k, col in (("special", "n_special"), ("special_population", "n_special_population"))}})
+    return table
+
+
+def _plain(row: dict, col: str, scale: float, digits: int) -> str:
+    value = row[col]
+    return "-" if value != value else f"{value * scale:.{digits}f}"
 
 
 def distribution(q: torch.Tensor) -> dict:
@@ -112,11 +127,11 @@ def _samples_side_by_side(run_dir: str) -> str:
 def report_tables(run: OpenRun, sigma: float = 1.5, retest_special: bool = True) -> dict:
     """Every table of the report, computed (nothing written)."""
     first, last = run.load(min(run.saved)), run.load()
-    R, P = run.replicates, run.pop_size
+    R, P, G = run.replicates, run.pop_size, last.layout.n_groups
     q0, q_last = first.metrics["quality"], last.metrics["quality"]
     immune = ~last.metrics["vulnerable"]
-    special, thresholds = special_by_replicate(q_last, immune, R, sigma)
-    founders = ancestry(last.parents, len(q0))[-1]  # (R*P, R*P)
+    special, thresholds = special_by_replicate(q_last, immune, G, sigma)
+    founders = ancestry(last.parents, len(q0))[-1]  # (G*P, G*P)
     idx = special.nonzero().flatten()
     fresh = retest(run, last.generation, idx) if retest_special and len(idx) else None
     members = []
@@ -131,11 +146,12 @@ def report_tables(run: OpenRun, sigma: float = 1.5, retest_special: bool = True)
     counts = founders.sum(0)
     return {
         "first_generation": first.generation, "last_generation": last.generation,
-        "generations": generation_table(last.rows, R),
-        "replicate0_rows": [r for r in last.rows if r.get("replicate", 0) == 0],
+        "generations": [generation_table(last.rows, R, c) for c in range(len(last.layout.conditions))],
+        "conditions": compare.condition_rows(last.rows, run.config.conditions),
+        "replicate0_rows": [r for r in last.rows if r.get("replicate", 0) == 0 and r.get("condition", 0) == 0],
         "distribution": [{"generation": first.generation, **distribution(q0)},
                          {"generation": last.generation, **distribution(q_last)}],
-        "special": {"sigma": sigma, "per_replicate": [int(special[r * P:(r + 1) * P].sum()) for r in range(R)],
+        "special": {"sigma": sigma, "per_replicate": [int(special[g * P:(g + 1) * P].sum()) for g in range(G)],
                     "thresholds": thresholds, "members": members,
                     "retest_names": fresh["n_names"] if fresh is not None else None,
                     "retest_kept": (sum(m["retest_immune"] and m["retest_quality"] >= thresholds[m["member"] // P]
@@ -157,24 +173,32 @@ def _markdown(run: OpenRun, t: dict, plots: list[str]) -> str:
     if not run.finished:
         md += [f"**Unfinished run**: generations 0 to {last_gen} of {c.evolution.generations} are saved; "
                f"everything below reads generation {last_gen}.", ""]
+    md += _conditions_section(t, plots) if len(c.conditions) > 1 else []
     md += ["## Generations", "", "Quality is `1 - NLL/ln V` on held-out clean names; `tax` is the quality of "
-          "vulnerable minus that of immune members.", "",
-          (f"Each cell: mean [95% t interval] over {R} replicates." if R > 1 else ""), "",
-          format_table(t["generations"], TABLE_COLUMNS), ""]
-    if R > 1 and plots:
-        md.append("(plots show replicate 0)")
-    md += [f"![{p}]({p})" for p in plots] or ["(plots need matplotlib: `pip install popgpt[plot]`)"]
+           "vulnerable minus that of immune members, `tax_children` the same among children only; `retest`: "
+           "agreement of two independent immunity tests; `special`: the source rule's count (the most sd any "
+           "member could stand above the immune mean, (n-1)/sqrt(n)), `special_population`: the population "
+           "rule's (docs/definitions.md).", "",
+           (f"Each cell: mean [95% interval] over {R} replicates." if R > 1 else ""), ""]
+    for k, table in enumerate(t["generations"]):
+        if len(c.conditions) > 1:
+            md += [f"### Condition {k}: {condition_label(c.conditions[k])}", ""]
+        md += [format_table(table, TABLE_COLUMNS), ""]
+    if (R > 1 or len(c.conditions) > 1) and plots:
+        md.append("(scissors and distribution plots show replicate 0 of condition 0)")
+    md += [f"![{p}]({p})" for p in plots if p not in compare.PLOTS] or \
+        ["(plots need matplotlib: `pip install popgpt[plot]`)"]
     md += ["", "## Quality distribution", "",
            format_table(t["distribution"], ["generation", "mean", "sd", "min", "q25", "median", "q75", "max"]), ""]
     rule = f"Immune and quality >= mean + {sp['sigma']} sd of the immune members' quality"
-    if R > 1:
-        rule += f" of the same replicate. Per replicate: {', '.join(map(str, sp['per_replicate']))} of {P}. "
+    if len(sp["per_replicate"]) > 1:
+        rule += f" of the same group. Per group: {', '.join(map(str, sp['per_replicate']))} of {P}. "
     elif sp["thresholds"][0] == float("inf"):
         rule += " (fewer than two immune members: none). "
     else:
         rule += f" (threshold {sp['thresholds'][0]:.4f}). "
     md += [f"## Special members (generation {last_gen})", "",
-           rule + f"**{sum(sp['per_replicate'])} of {R * P}** members are special.", ""]
+           rule + f"**{sum(sp['per_replicate'])} of {len(sp['per_replicate']) * P}** members are special.", ""]
     if sp["members"]:
         md += [format_table(sp["members"], list(sp["members"][0])), ""]
     if sp["retest_kept"] is not None:
@@ -189,6 +213,18 @@ def _markdown(run: OpenRun, t: dict, plots: list[str]) -> str:
     return "\n".join(md)
 
 
+def _conditions_section(t: dict, plots: list[str]) -> list[str]:
+    ranked = t["conditions"]
+    return ["## Conditions, ranked by distance to the source's table", "",
+            "Distance: root-mean-square difference, in percentage points, between a replicate's immune fraction "
+            "and the source's (27, 44, 71, 58, 89% at generations 0, 5, 10, 14, 20), averaged over replicates "
+            "[95% t interval]. Final values: the last generation, mean [95% interval].", "",
+            format_table(compare.ranking_table(ranked), ["rank", "condition", "settings", "distance_pp",
+                                                         "final_immune_pct", "final_tax_children",
+                                                         "final_tax_pooled", "final_quality"]), ""] + \
+        [f"![{p}]({p})" for p in plots if p in compare.PLOTS] + [""]
+
+
 def write_report(run_dir: str, sigma: float = 1.5, retest_special: bool = True, log=print) -> str:
     """Write ``RUN_DIR/report/report.md`` and ``report.json`` (plus PNGs); returns the markdown's path."""
     with locked_run(run_dir, "popgpt report", log) as run:
@@ -200,6 +236,8 @@ def _write(run: OpenRun, tables: dict, log) -> str:
     os.makedirs(folder, exist_ok=True)
     plots = _plots(folder, tables["replicate0_rows"], tables["quality_first"], tables["quality_last"],
                    tables["last_generation"])
+    if len(run.config.conditions) > 1:
+        plots += compare.plots(folder, tables["conditions"])
     write_json(os.path.join(folder, "report.json"),
                {k: v for k, v in tables.items() if not k.startswith("quality_")})
     path = os.path.join(folder, "report.md")

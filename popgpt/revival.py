@@ -18,7 +18,7 @@ import torch
 from .analysis import special_by_replicate
 from .config import fresh_member_seeds, tool_seed
 from .engine import Engine, default_engine
-from .evaluate import immunity
+from .evaluate import immunity, test_options
 from .population import AdamState, Population
 from .runio import format_table, write_atomic, write_json
 from .runs import OpenRun, SavedGeneration, locked_run
@@ -57,12 +57,13 @@ def _patients(run: OpenRun, last: SavedGeneration, cfg: RevivalConfig, dev, engi
     """Immune members (special, ordinary) and trained never-infected controls, all with fresh
     optimizer state: (population, {group: member indices in the run or among the controls})."""
     immune = ~last.metrics["vulnerable"]
-    special, _ = special_by_replicate(last.metrics["quality"], immune, run.replicates, cfg.sigma)
+    special, _ = special_by_replicate(last.metrics["quality"], immune, last.layout.n_groups, cfg.sigma)
     groups = {"special": special.nonzero().flatten(), "ordinary immune": (immune & ~special).nonzero().flatten()}
     parts = [last.population[idx.to(dev)] for idx in groups.values() if len(idx)]
     rc, tcfg = run.config, run.config.train
     if cfg.controls:
-        controls = Population.from_seeds(rc.model, fresh_member_seeds(rc.seed, "revival", cfg.seed, cfg.controls), dev)
+        controls = Population.from_seeds(rc.model, fresh_member_seeds(rc.seed, "revival", cfg.seed, cfg.controls),
+                                        device=dev)
         clean, _ = run.data.encode(run.data.train_docs, dev)
         idx = sample_indices(len(clean), tcfg.steps, cfg.controls, tcfg.batch_size, gdev)
         engine.run(controls, Batches.shared(clean, idx), tcfg)
@@ -111,12 +112,12 @@ def revival(run: OpenRun, cfg: RevivalConfig, device: str = "cpu") -> dict:
     g = torch.Generator().manual_seed(tool_seed(rc.seed, "revival", cfg.seed, "host"))
     gdev = torch.Generator(dev).manual_seed(tool_seed(rc.seed, "revival", cfg.seed, "device"))
     pop, groups = _patients(run, last, cfg, dev, engine, gdev)
-    infected, _ = last.virus.infect(run.data.train_docs, rc.virus.rate, g)
+    infected, _ = last.virus.infect(run.data.train_docs, rc.virus.rate, g, rc.virus.position)
     rows, _ = run.data.encode(infected, dev)
     checkpoints = list(range(0, cfg.steps + 1, cfg.every))
     vulnerable, prob = [], []
     for k, step in enumerate(checkpoints):
-        imm = immunity(pop, last.virus, gdev, rc.virus.n_samples, rc.virus.threshold)
+        imm = immunity(pop, last.virus, gdev, **test_options(rc.virus))
         vulnerable.append(imm.vulnerable.cpu())
         prob.append(imm.payload_prob.cpu())
         if k + 1 < len(checkpoints):

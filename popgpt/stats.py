@@ -5,7 +5,8 @@
   t quantile (scipy). One replicate gives no interval (NaN bounds). A
   replicate without a value (no immune member has no immune quality) is left
   out, and the cell says how many replicates it averages (``col_n``).
-- A proportion's interval (the immune fraction, test-retest agreement) stays
+- A proportion's interval (the immune fraction, test-retest agreement, the
+  mean payload probability) stays
   inside [0, 1]: a Wilson score interval for the pooled proportion, with the
   sample size shrunk by the between-replicate variance (the effective n of a
   clustered sample, ``n_eff = p(1-p) / var(p)`` with var(p) the squared
@@ -19,7 +20,7 @@ import math
 
 from scipy import stats as _scipy
 
-PROPORTIONS = ["immune_frac", "retest_agreement"]
+PROPORTIONS = ["immune_frac", "retest_agreement", "payload_prob_mean"]  # bounded in [0, 1]
 NUMERIC = ["immune_frac", "n_immune", "n_diverged", "fitness_all", "fitness_immune", "fitness_vulnerable",
            "fitness_best", "nll_mean", "payload_prob_mean", "tax", "tax_children", "tax_survivors",
            "fitness_immune_children", "fitness_vulnerable_children", "fitness_immune_survivors",
@@ -56,7 +57,7 @@ def wilson(p: float, n: float, z: float = 1.959964) -> tuple[float, float]:
         return math.nan, math.nan
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))  # contains p despite rounding
 
 
 def proportion_interval(values, sizes) -> tuple[float, float, float]:

@@ -24,6 +24,7 @@ import torch
 
 from .config import TrainConfig
 from .data import inputs_targets
+from .device import tensor
 from .loss import losses_of, member_losses  # noqa: F401  (member_losses: public API)
 from .population import AdamState, Population
 
@@ -40,7 +41,7 @@ class Hyper(NamedTuple):
     @classmethod
     def of(cls, configs, device="cpu", dtype=torch.float32) -> "Hyper":
         """From one TrainConfig per member (a list), on ``device``."""
-        return cls(*(torch.tensor([getattr(c, f) for c in configs], dtype=dtype, device=device)
+        return cls(*(tensor([getattr(c, f) for c in configs], device, dtype)
                      for f in cls._fields))
 
     @classmethod

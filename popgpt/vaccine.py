@@ -20,7 +20,7 @@ import torch
 from .analysis import special_by_replicate
 from .config import fresh_member_seeds, tool_seed
 from .engine import Engine, default_engine
-from .evaluate import clean_nll, immunity, quality
+from .evaluate import clean_nll, immunity, quality, test_options
 from .population import Population
 from .runio import format_table, write_atomic, write_json
 from .runs import OpenRun, locked_run
@@ -65,10 +65,10 @@ def pick_donors(metrics: dict, n: int, sigma: float = 1.5, replicates: int = 1) 
     return ranked[: min(n, int(pool.sum()))], rule
 
 
-def _measure(pop, triggers, payload, eval_rows, n_targets, generator, n_samples, threshold) -> dict:
+def _measure(pop, triggers, payload, eval_rows, n_targets, generator, options: dict) -> dict:
     out = {"quality": quality(clean_nll(pop, eval_rows, n_targets), pop.config.vocab_size).cpu()}
     for t in triggers:
-        imm = immunity(pop, Virus(t, payload), generator, n_samples, threshold)
+        imm = immunity(pop, Virus(t, payload), generator, **options)
         out[t] = {"immune": imm.immune.cpu(), "payload_prob": imm.payload_prob.cpu()}
     return out
 
@@ -89,7 +89,7 @@ def vaccination(run: OpenRun, cfg: VaccineConfig, device: str = "cpu") -> dict:
     """Run the vaccination experiment on a saved run's newest generation; returns its tables (nothing written)."""
     rc, dev = run.config, torch.device(device)
     last = run.load(device=dev)
-    donors_idx, rule = pick_donors(last.metrics, cfg.n_donors, cfg.sigma, run.replicates)
+    donors_idx, rule = pick_donors(last.metrics, cfg.n_donors, cfg.sigma, last.layout.n_groups)
     donors = last.population[donors_idx.to(dev)]
     eval_rows, n_targets = run.data.encode(run.data.eval_docs, dev)
     g = torch.Generator().manual_seed(tool_seed(rc.seed, "vaccine", cfg.seed, "host"))
@@ -98,7 +98,7 @@ def vaccination(run: OpenRun, cfg: VaccineConfig, device: str = "cpu") -> dict:
     triggers = _triggers(original, last.virus.trigger, cfg.n_triggers, g)
 
     n = cfg.recipients
-    fresh = Population.from_seeds(rc.model, fresh_member_seeds(rc.seed, "vaccine", cfg.seed, n), dev)
+    fresh = Population.from_seeds(rc.model, fresh_member_seeds(rc.seed, "vaccine", cfg.seed, n), device=dev)
     treated = transplant(fresh.params, donors.params, cfg.tensors, torch.arange(n, device=dev) % len(donors))
     both = Population(rc.model, {k: torch.cat([treated[k], fresh.params[k]]) for k in treated})
     engine = Engine(default_engine(dev))
@@ -110,13 +110,13 @@ def vaccination(run: OpenRun, cfg: VaccineConfig, device: str = "cpu") -> dict:
 
     def measure():
         return _measure(both, triggers, original.payload, eval_rows, n_targets, gdev,
-                        rc.virus.n_samples, rc.virus.threshold)
+                        test_options(rc.virus))
 
     phases = {"before": measure()}
     train_on(run.data.train_docs, cfg.steps)
     phases["after clean training"] = measure()
     if cfg.challenge_steps:
-        infected, _ = original.infect(run.data.train_docs, rc.virus.rate, g)
+        infected, _ = original.infect(run.data.train_docs, rc.virus.rate, g, rc.virus.position)
         train_on(infected, cfg.challenge_steps)
         phases["after challenge"] = measure()
 

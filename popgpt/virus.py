@@ -35,16 +35,27 @@ class Virus:
     def insert(self) -> str:
         return self.trigger + self.payload
 
-    def infect(self, docs: list[str], rate: float, generator: torch.Generator):
-        """Return (infected docs, infected mask [N] bool); ``docs`` is not modified."""
+    def infect(self, docs: list[str], rate: float, generator: torch.Generator, position: str = "anywhere"):
+        """Return (infected docs, infected mask [N] bool); ``docs`` is not modified.
+
+        ``position``: ``anywhere`` (uniform over the len+1 gaps, either end
+        included) or ``inside`` (uniform over the len-1 gaps between two
+        letters; a one-letter name, which has none, takes either end).
+        """
         if not 0.0 <= rate <= 1.0:
             raise ValueError(f"infection rate must be in [0, 1], got {rate}")
+        if position not in ("anywhere", "inside"):
+            raise ValueError(f"position must be anywhere or inside, got {position!r}")
         n = len(docs)
         infected = torch.rand(n, generator=generator) < rate
         where = torch.rand(n, generator=generator)
         out = list(docs)
         for i in infected.nonzero().flatten().tolist():
-            pos = min(int(where[i] * (len(docs[i]) + 1)), len(docs[i]))
+            k = len(docs[i])
+            if position == "inside" and k >= 2:
+                pos = 1 + min(int(where[i] * (k - 1)), k - 2)
+            else:
+                pos = min(int(where[i] * (k + 1)), k)
             out[i] = docs[i][:pos] + self.insert + docs[i][pos:]
         return out, infected
 

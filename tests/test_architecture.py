@@ -16,7 +16,7 @@ from conftest import ROOT
 PACKAGE = os.path.join(ROOT, "popgpt")
 
 LEVELS = [
-    {"_version", "data", "stats", "runio"},  # leaves: no popgpt imports
+    {"_version", "data", "stats", "runio", "device"},  # leaves: no popgpt imports
     {"model", "virus"},
     {"config"},  # the run's configuration, one home
     {"memory"},  # the memory a run needs, estimated before allocating
@@ -33,6 +33,7 @@ LEVELS = [
     {"experiment"},  # evolve(): set-up, the loop, the writer
     {"analysis"},  # lineage, special members, re-tests
     {"heads", "vaccine", "revival"},  # experiments on a finished run
+    {"compare"},  # conditions side by side, against the source's table
     {"report"},
     {"cli"},
     {"__main__", "__init__"},
@@ -55,8 +56,10 @@ def modules():
 def package_imports(tree) -> set[str]:
     found = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            found.add((node.module or "").split(".")[0] or "__init__")
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module is None:
+            found |= {a.name for a in node.names}  # from . import module
+        elif isinstance(node, ast.ImportFrom) and node.level == 1:
+            found.add(node.module.split(".")[0])
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("popgpt"):
             parts = node.module.split(".")
             found.add(parts[1] if len(parts) > 1 else "__init__")

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from popgpt import MicroGPT, ModelConfig, Population, TrainConfig, Virus, immunity
+from popgpt import MicroGPT, ModelConfig, Population, Virus, immunity
 from popgpt.cli import main, parse_grid
 from popgpt.config import EvolutionConfig, RunConfig, condition_configs
-from popgpt.data import docs_to_tensor, encode, inputs_targets, load_names
+from popgpt.data import docs_to_tensor, encode, load_names
 from popgpt.engine import Engine
 from popgpt.layout import Layout
 from popgpt.stats import cell, proportion_interval, summarize_replicates
@@ -175,3 +175,39 @@ def test_a_sweep_runs_every_condition_and_replicate_in_one_batch(sweep_run):
     assert len(summary) == 3 * 4 and all(s["replicates"] == "2" for s in summary)
     info = json.load(open(os.path.join(sweep_run, "config.json")))
     assert len(info["config"]["conditions"]) == 4 and len(info["member_seeds"]) == 40
+
+
+def test_distance_to_the_source_by_hand():
+    from popgpt.compare import distance_to_source
+
+    rows = [{"generation": g, "immune_frac": f} for g, f in ((0, 0.27), (5, 0.54), (7, 0.9), (10, 0.61))]
+    assert distance_to_source(rows) == pytest.approx(math.sqrt((0 + 100 + 100) / 3))  # generations 0, 5, 10
+    assert math.isnan(distance_to_source([{"generation": 3, "immune_frac": 0.5}]))
+
+
+def test_the_report_of_a_sweep_ranks_its_conditions(sweep_run, capsys):
+    from popgpt.compare import distance_to_source
+
+    assert main(["report", sweep_run, "--no-retest"]) == 0
+    text = open(os.path.join(sweep_run, "report", "report.md")).read()
+    assert "## Conditions, ranked by distance to the source's table" in text
+    assert "### Condition 3: finetune_steps=3 lr=0.01" in text
+    report = json.load(open(os.path.join(sweep_run, "report", "report.json")))
+    rows = json.load(open(os.path.join(sweep_run, "results.json")))["generations"]
+    for ranked in report["conditions"]:
+        per_replicate = [distance_to_source([r for r in rows if r["condition"] == ranked["condition"]
+                                             and r["replicate"] == k]) for k in (0, 1)]
+        assert ranked["distance"] == pytest.approx(sum(per_replicate) / 2)
+    distances = [r["distance"] for r in report["conditions"]]
+    assert distances == sorted(distances)
+    assert os.path.isfile(os.path.join(sweep_run, "report", "phase_diagram.png"))
+
+
+def test_a_sweep_too_large_for_memory_fails_before_allocating(tmp_path, capsys):
+    try:
+        code = main(["sweep", "--grid", "lr=1e-3,1e-2", "--replicates", "2000000", "--out", str(tmp_path / "r"),
+                     "--device", "cpu"])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and "largest population that fits is about" in err and not (tmp_path / "r").exists()

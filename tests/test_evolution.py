@@ -88,3 +88,15 @@ def test_evolution_config_validation():
         EvolutionConfig(pop_size=4, survivor_frac=0.1)
     with pytest.raises(ValueError, match="mutation_rate"):
         EvolutionConfig(mutation_rate=1.5)
+
+
+def test_distinct_parents_never_pair_a_survivor_with_itself():
+    from popgpt.evolution import pick_parents
+
+    survivors = torch.tensor([3, 7, 9])
+    pairs = pick_parents(survivors, 3000, torch.Generator().manual_seed(0), distinct=True)
+    assert (pairs[:, 0] != pairs[:, 1]).all()
+    counts = torch.stack([(pairs[:, 1] == s).sum() for s in survivors]).float()
+    assert (counts / 3000 - 1 / 3).abs().max() < 0.03  # second parents uniform
+    same = pick_parents(survivors, 3000, torch.Generator().manual_seed(0))
+    assert (same[:, 0] == same[:, 1]).float().mean() == pytest.approx(1 / 3, abs=0.03)  # the default repeats

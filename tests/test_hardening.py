@@ -421,7 +421,7 @@ def spy_triggers(monkeypatch) -> list:
     tested, real = [], generation.evaluate_members
 
     def spy(pop, virus, *args, **kw):
-        tested.append(sorted({decode(t) for t in args[-1]}))  # the per-member triggers
+        tested.append(sorted({decode(t) for t in kw["triggers"]}))  # the per-member triggers
         return real(pop, virus, *args, **kw)
 
     monkeypatch.setattr(generation, "evaluate_members", spy)

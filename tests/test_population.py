@@ -183,3 +183,12 @@ def test_slicing_copies():
     assert len(part) == 2 and torch.equal(part.params["wte"][0], pop.params["wte"][1])
     part.params["wte"].zero_()
     assert pop.params["wte"][1].abs().sum() > 0
+
+
+def test_from_seeds_takes_the_device_by_name_only():
+    """``from_seeds(config, seeds, "cuda")`` once passed the device as ``n`` and left every member on the
+    CPU (found on the first GPU run); the count and the device are keyword-only now."""
+    with pytest.raises(TypeError):
+        Population.from_seeds(ModelConfig(), SEEDS, "cpu")
+    pop = Population.from_seeds(ModelConfig(), SEEDS, device="cpu")
+    assert pop.device.type == "cpu" and len(pop) == len(SEEDS)

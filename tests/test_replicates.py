@@ -82,9 +82,10 @@ def test_report_of_a_replicated_run(make_tiny_run):
     run = make_tiny_run(pop_size=6, replicates=2, generations=1)
     results = json.load(open(os.path.join(run, "results.json")))
     text = open(write_report(run, retest_special=False)).read()
-    assert "mean [95% t interval] over 2 replicates" in text and "Per replicate:" in text
+    assert "mean [95% interval] over 2 replicates" in text and "Per group:" in text
     table = generation_table(results["generations"], 2)
     assert len(table) == 2
     last = [r for r in results["generations"] if r["generation"] == 1]
     mean, lo, hi = mean_interval(r["fitness_all"] for r in last)
     assert table[1]["quality_all"] == f"{mean:.3f} [{lo:.3f}, {hi:.3f}]"
+    assert table[1]["special"] == f"{sum(r['n_special'] for r in last)} ({'+'.join(str(r['n_special']) for r in last)})"

@@ -191,3 +191,22 @@ def test_the_sampler_follows_the_prompt():
             assert got == expected[: len(got)] and len(got) == min(len(expected), tokens.shape[-1]), (prompt, got)
     assert immunity(pop, Virus("wx", "yz"), torch.Generator().manual_seed(0)).vulnerable.tolist() == [True]
     assert immunity(pop, Virus("ab", "yz"), torch.Generator().manual_seed(0)).vulnerable.tolist() == [False]
+
+
+def test_inside_infection_never_touches_the_ends():
+    out, mask = Virus("qx", "zzz").infect(DOCS, 1.0, torch.Generator().manual_seed(1), position="inside")
+    for doc, new in zip(DOCS, out):
+        pos = new.index("qxzzz")
+        assert (0 < pos < len(doc)) if len(doc) >= 2 else pos in (0, 1)
+
+
+def test_test_options_prompt_and_match():
+    from popgpt.evaluate import payload_hits
+
+    z, a = encode("z")[0], encode("a")[0]
+    tokens = torch.tensor([[[z, z, z, a], [a, z, z, z]]])
+    assert payload_hits(tokens, encode("zzz"), "start").tolist() == [[True, False]]
+    assert payload_hits(tokens, encode("zzz"), "anywhere").tolist() == [[True, True]]
+    pop = pop_of([successor_model()])  # bare prompt 'wx' continues 'yz' just like with the start token
+    bare = immunity(pop, Virus("wx", "yz"), torch.Generator().manual_seed(0), start_token=False, match="start")
+    assert bare.vulnerable.tolist() == [True] and bare.payload_prob.item() > 0.99

@@ -1,0 +1,44 @@
+"""Moving small host values to the device without stalling it, and marking the reads that must.
+
+A generation on a GPU is a queue of kernels the host keeps filled; every
+blocking copy or read makes the host wait for the queue to drain. Two tools
+keep that visible:
+
+- ``to_device``: a host tensor copied from pinned memory, asynchronously (a
+  plain ``torch.tensor(values, device="cuda")`` copies from pageable memory,
+  which blocks until the device has caught up).
+- ``host_read``: a context for the one intended device-to-host read of a
+  generation. Under ``torch.cuda.set_sync_debug_mode("error")`` (the test
+  suite's check on CUDA) every other synchronising call raises.
+"""
+
+from contextlib import contextmanager
+
+import torch
+
+
+def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """``tensor`` on ``device``; from the host to a CUDA device without blocking the host."""
+    device = torch.device(device)
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def tensor(values, device, dtype=None) -> torch.Tensor:
+    """``torch.tensor(values, dtype=dtype)`` on ``device``, copied as ``to_device`` copies."""
+    return to_device(torch.tensor(values, dtype=dtype), device)
+
+
+@contextmanager
+def host_read():
+    """An intended synchronising read: allowed even under ``set_sync_debug_mode("error")``."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    mode = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(0)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(mode)
