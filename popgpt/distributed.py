@@ -38,6 +38,10 @@ from .runio import RunError
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
 
 
+class FromRankZero(RunError):
+    """Rank 0's error, as the other ranks receive it (rank 0 reports it; they need not repeat it)."""
+
+
 def bounds(total: int, world: int) -> list[tuple[int, int]]:
     """Contiguous shards of ``total`` members over ``world`` ranks: [(start, stop)] per rank."""
     base, extra = divmod(total, world)
@@ -60,6 +64,14 @@ def launched_world() -> int:
         raise RunError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number of ranks") from None
 
 
+def launched_rank() -> int:
+    """This process's rank as the launcher numbered it (``RANK``; 0 when run directly)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
 def rank_device(name: str) -> torch.device:
     """The device of this rank: ``cuda`` means ``cuda:LOCAL_RANK`` when several ranks share a machine."""
     device = torch.device(name)
@@ -73,19 +85,21 @@ def rank_device(name: str) -> torch.device:
     return torch.device("cuda", local)
 
 
-def init(device_name: str, timeout_s: float) -> bool:
-    """Join the launcher's process group when it started several ranks (gloo on CPUs, NCCL on GPUs).
+def init(timeout_s: float) -> bool:
+    """Join the launcher's process group when it started several ranks: gloo for CPU tensors (and
+    the small Python objects rank 0 hands out), NCCL for CUDA tensors where there is a GPU.
 
     Returns whether a group was started here (the caller ends it with ``finish``)."""
     if launched_world() <= 1 or dist.is_initialized():
         return False
-    kind = torch.device(device_name).type
-    if kind not in BACKENDS:
-        raise RunError(f"--device {device_name}: sharding over ranks runs on cpu (gloo) or cuda (nccl)")
-    if kind == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    backend = "gloo"
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local < torch.cuda.device_count():
+            torch.cuda.set_device(local)
+        backend = "cpu:gloo,cuda:nccl"
     try:
-        dist.init_process_group(BACKENDS[kind], timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     except (RuntimeError, ValueError) as e:
         raise RunError(f"could not join the other ranks ({_first_line(e)}); start popgpt with torchrun, "
                        f"which sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT") from None
@@ -212,21 +226,21 @@ class Shard:
     def from_first(self, fn):
         """``fn()`` run on rank 0 alone; its result on every rank. An error there stops every rank
         with rank 0's message (rank 0 raises its own)."""
-        return from_first(fn, self.device)
+        return from_first(fn)
 
     def same_everywhere(self, what: str, value) -> None:
         """Stop every rank, naming ``what``, unless all ranks hold the same ``value``."""
         if self.world == 1:
             return
         values = [None] * self.world
-        self._call(what, dist.all_gather_object, values, value, group=None)
+        self._call(what, dist.all_gather_object, values, value)
         differ = [r for r, v in enumerate(values) if v != values[0]]
         if differ:
             raise RunError(f"the ranks disagree on {what}: rank {differ[0]} has {values[differ[0]]}, "
                            f"rank 0 has {values[0]}; start every rank with the same flags, files and versions")
 
 
-def from_first(fn, device=None):
+def from_first(fn):
     """``fn()`` run on rank 0 alone; its result (or error message) given to every rank.
 
     Without a process group it is ``fn()``."""
@@ -239,14 +253,12 @@ def from_first(fn, device=None):
             box[0] = fn()
         except BaseException as e:  # every rank must hear of it, else they would wait for rank 0 forever
             error, box[1] = e, f"{_first_line(e) if not isinstance(e, RunError) else str(e)}"
-    device = torch.device(device) if device is not None else None
     try:
-        dist.broadcast_object_list(box, src=0, device=device if device is not None and device.type == "cuda"
-                                   else None)
+        dist.broadcast_object_list(box, src=0)
     except RuntimeError as e:
         raise RunError(f"rank {rank} of {world}: lost contact with rank 0 ({_first_line(e)})") from None
     if error is not None:
         raise error
     if box[1] is not None:
-        raise RunError(box[1] if rank == 0 else f"(rank 0) {box[1]}")
+        raise FromRankZero(f"rank 0 stopped the run: {box[1]}")
     return box[0]
