@@ -27,6 +27,7 @@ process group's timeout) raises ``RunError`` saying so; the run stops and
 import datetime
 import math
 import os
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -147,6 +148,7 @@ class Shard:
     total: int
     device: torch.device = torch.device("cpu")
     sent: dict = field(default_factory=dict)  # exchange -> bytes this rank handed to collectives
+    seconds: dict = field(default_factory=dict)  # exchange -> seconds this rank spent in them (waiting included)
 
     @classmethod
     def current(cls, total: int, device: torch.device) -> "Shard":
@@ -171,12 +173,16 @@ class Shard:
     def members(self) -> slice:
         return slice(self.start, self.stop)
 
-    def _count(self, what: str, tensor: torch.Tensor) -> None:
-        self.sent[what] = self.sent.get(what, 0) + tensor.numel() * tensor.element_size()
-
-    def _call(self, what: str, fn, *args, **kwargs):
+    def _call(self, kind: str, what: str, fn, tensor: torch.Tensor, *args, **kwargs):
+        """``fn(*args)``, a collective handed ``tensor`` (counted under ``kind``); its failure a RunError."""
+        self.sent[kind] = self.sent.get(kind, 0) + tensor.numel() * tensor.element_size()
+        t0 = time.perf_counter()
         try:
-            return fn(*args, **kwargs)
+            out = fn(*args, **kwargs)
+            if tensor.device.type == "cuda":
+                torch.cuda.synchronize(tensor.device)
+            self.seconds[kind] = self.seconds.get(kind, 0.0) + time.perf_counter() - t0
+            return out
         except RuntimeError as e:
             raise RunError(f"rank {self.rank} of {self.world}: lost contact with the other ranks while exchanging "
                            f"{what} ({_first_line(e)}): another rank stopped (see its output) or did not answer "
@@ -192,8 +198,7 @@ class Shard:
             return rows
         mine = self._padded(rows.contiguous())
         out = [torch.empty_like(mine) for _ in range(self.world)]
-        self._count(what, mine)
-        self._call(what, dist.all_gather, out, mine)
+        self._call(what, what, dist.all_gather, mine, out, mine)
         return torch.cat([o[: b - a] for o, (a, b) in zip(out, bounds(self.total, self.world))])
 
     def share(self, pop: Population, index: torch.Tensor) -> Population:
@@ -207,8 +212,7 @@ class Shard:
         held = ((index >= self.start) & (index < self.stop))[:, None]  # (K, 1)
         mine = torch.where(held, rows[local], torch.zeros((), dtype=rows.dtype, device=rows.device))
         bits = mine.contiguous().view(torch.int32 if rows.dtype == torch.float32 else torch.int64)
-        self._count("survivors", bits)
-        self._call("the survivors' parameters", dist.all_reduce, bits, dist.ReduceOp.SUM)
+        self._call("survivors", "the survivors' parameters", dist.all_reduce, bits, bits, dist.ReduceOp.SUM)
         return unpack(pop.config, bits.view(rows.dtype))
 
     def gather_population(self, pop: Population) -> Population | None:
@@ -217,8 +221,7 @@ class Shard:
             return pop
         mine = self._padded(pack(pop))
         out = [torch.empty_like(mine) for _ in range(self.world)] if self.lead else None
-        self._count("checkpoint", mine)
-        self._call("the population for the checkpoint", dist.gather, mine, out, dst=0)
+        self._call("checkpoint", "the population for the checkpoint", dist.gather, mine, mine, out, dst=0)
         if not self.lead:
             return None
         return unpack(pop.config, torch.cat([o[: b - a] for o, (a, b) in zip(out, bounds(self.total, self.world))]))
@@ -233,7 +236,11 @@ class Shard:
         if self.world == 1:
             return
         values = [None] * self.world
-        self._call(what, dist.all_gather_object, values, value)
+        try:
+            dist.all_gather_object(values, value)
+        except RuntimeError as e:
+            raise RunError(f"rank {self.rank} of {self.world}: could not compare {what} with the other ranks "
+                           f"({_first_line(e)})") from None
         differ = [r for r, v in enumerate(values) if v != values[0]]
         if differ:
             raise RunError(f"the ranks disagree on {what}: rank {differ[0]} has {values[differ[0]]}, "

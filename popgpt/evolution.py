@@ -82,7 +82,8 @@ def crossover(params: dict, parents: torch.Tensor, p_first, generator: torch.Gen
     return children, from_first
 
 
-def mutate(params: dict, rate, std, generator: torch.Generator, rows=slice(None), n_children: int | None = None) -> dict:
+def mutate(params: dict, rate, std, generator: torch.Generator, rows=slice(None),
+           n_children: int | None = None) -> dict:
     """Add N(0, std^2) noise to each weight independently with probability ``rate``
     (each a float, or one value per child [C]).
 
@@ -117,7 +118,7 @@ def breed(config, params: dict, parents: torch.Tensor, rates: dict, generator: t
     return Population(config, child_params, AdamState.zeros_like(child_params))
 
 
-def lineage(survivors: torch.Tensor, parents: torch.Tensor, groups: int) -> torch.Tensor:
+def parent_pairs(survivors: torch.Tensor, parents: torch.Tensor, groups: int) -> torch.Tensor:
     """(R*P, 2) parents of the next generation in ``assemble``'s order, a survivor's being itself twice."""
     self_pairs = survivors[:, None].expand(-1, 2)
     return torch.cat([self_pairs.reshape(groups, -1, 2), parents.view(groups, -1, 2)], 1).view(-1, 2)
@@ -145,7 +146,7 @@ def next_generation(pop: Population, fitness: torch.Tensor, cfg: EvolutionConfig
     survivors = select(fitness, cfg.n_survivors, R)  # (R*S,)
     parents = pick_parents(survivors, C, generator, R, cfg.distinct_parents)  # (R*C, 2)
     children = breed(pop.config, pop.params, parents, child_rates(cfg, R, rates), generator)
-    return pop[survivors], children, lineage(survivors, parents, R)
+    return pop[survivors], children, parent_pairs(survivors, parents, R)
 
 
 def assemble(survivors: Population, children: Population, replicates: int = 1) -> Population:

@@ -208,7 +208,7 @@ def _finish(state: EvolutionState, whole: Population, ctx: Context, run: Run, pa
     results = {"final": final[0], "final_by_condition": final, "generations": list(state.rows),
                "wall_seconds": time.perf_counter() - run.clock, "phase_seconds": ctx.timer.seconds,
                "parts": parts, "engine": ctx.engine.kind, "world_size": ctx.shard.world,
-               "communication_bytes": _sent(ctx.shard), "environment": run.env}
+               "communication": _exchanged(ctx.shard), "environment": run.env}
     write_json(os.path.join(run.run_dir, "results.json"), results)
     return results
 
@@ -240,9 +240,10 @@ def _header(ctx: Context, run: Run) -> list[str]:
     return lines
 
 
-def _sent(shard: Shard) -> dict:
-    """Bytes this rank handed to each kind of exchange (rank 0's, for results.json)."""
-    return dict(shard.sent)
+def _exchanged(shard: Shard) -> dict:
+    """Per exchange (metrics, survivors, checkpoint): bytes rank 0 handed to it and seconds it spent
+    in it, over this part of the run (since the last start or resume)."""
+    return {k: {"bytes": shard.sent[k], "seconds": shard.seconds.get(k, 0.0)} for k in shard.sent}
 
 
 def evolve(config: RunConfig, run_dir: str, resume: bool = False, on_generation=None,

@@ -44,7 +44,7 @@ from .device import tensor, to_device
 from .distributed import Shard
 from .engine import Engine
 from .evaluate import evaluate_members, immunity, test_options
-from .evolution import breed, child_rates, lineage, pick_parents, select, selection_fitness
+from .evolution import breed, child_rates, parent_pairs, pick_parents, select, selection_fitness
 from .layout import Layout
 from .population import Population, default_seeds
 from .summary import group_row
@@ -242,12 +242,12 @@ def _next_generation(pop: Population, state: EvolutionState, ctx: Context):
         kept, born, order = layout.next_slots(shard.start, shard.stop, device)
         children = breed(pop.config, pool.params, position[parents], child_rates(cfg, G, layout.rates(device)),
                          state.dev, born)
-    return pool[kept], children, born, order, lineage(survivors, parents, G)
+    return pool[kept], children, born, order, parent_pairs(survivors, parents, G)
 
 
 def generation(state: EvolutionState, ctx: Context) -> tuple[EvolutionState, dict]:
     """One generation of every group; returns the new state and host copies of its [P] metrics."""
-    timer, device, layout = ctx.timer, ctx.device, ctx.layout
+    timer, device = ctx.timer, ctx.device
     gen = state.generation + 1
     with timer("evolution_ops", device):
         state = mutate_due(state, ctx, gen, "before-breeding")

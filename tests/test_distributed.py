@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from popgpt import distributed
 from popgpt.cli import build_parser, config_from_args, main
 from popgpt.data import load_names
 from popgpt.distributed import bounds, pack, unpack
@@ -129,6 +130,12 @@ def test_bounds_cover_the_population_in_order():
         assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
 
 
+def test_more_ranks_than_members_are_refused(monkeypatch):
+    monkeypatch.setattr(distributed, "rank_world", lambda: (0, 4))
+    with pytest.raises(RunError, match="4 ranks for 3 members: every rank needs at least one member"):
+        distributed.Shard.current(3, "cpu")
+
+
 def test_pack_unpack_is_exact():
     pop = Population.from_seeds(ModelConfig(block_size=8), n=3)
     next(iter(pop.opt.exp_avg.values())).normal_(generator=torch.Generator().manual_seed(0))
@@ -182,7 +189,11 @@ def test_two_ranks_equal_one_process(tmp_path, names):
     assert read_json(os.path.join(sharded, "config.json"))["world_size"] == 2
     results = read_json(os.path.join(sharded, "results.json"))
     assert results["world_size"] == 2
-    assert set(results["communication_bytes"]) == {"metrics", "survivors", "checkpoint"}
+    assert set(results["communication"]) == {"metrics", "survivors", "checkpoint"}
+    n = sum(t[0].numel() for t in load_checkpoint(sharded)["population"]["params"].values())
+    row = (3 * n + 1) * 4  # bytes of one member's parameters, Adam moments and step count
+    assert results["communication"]["survivors"]["bytes"] == 3 * 3 * row  # generations 1-3 x 3 groups x 1 survivor
+    assert results["communication"]["checkpoint"]["bytes"] == 4 * 8 * row  # generations 0-3 x rank 0's 8 members
     assert read_json(os.path.join(reference, "results.json"))["world_size"] == 1
 
 
