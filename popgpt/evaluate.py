@@ -37,16 +37,18 @@ def on_device(tokens: list[int], device) -> torch.Tensor:
 
 @torch.no_grad()
 def clean_nll(pop: Population, rows: torch.Tensor, n_targets: int | None = None,
-              chunk: int | None = None, head_mask=None) -> torch.Tensor:
+              chunk: int | None = None, head_mask=None, chunk_for: int | None = None) -> torch.Tensor:
     """Mean NLL per character of every member on encoded rows (N, T+1): [P].
 
     ``n_targets`` (the number of non-padding targets in ``rows``) saves a
     device sync when the caller counted them once on the host; ``chunk``
-    (names per forward) defaults to what fits ``LOGIT_BUDGET``; ``head_mask``
+    (names per forward) defaults to what fits ``LOGIT_BUDGET`` for
+    ``chunk_for`` members (default: P; a shard of a larger population gives
+    the whole one's size, so its sums run in the same order); ``head_mask``
     (n_layer, H) ablates heads.
     """
     P, (T, V) = len(pop), (pop.config.block_size, pop.config.vocab_size)
-    chunk = chunk or max(1, LOGIT_BUDGET.get(pop.device.type, 2 ** 25) // (P * T * V))
+    chunk = chunk or max(1, LOGIT_BUDGET.get(pop.device.type, 2 ** 25) // ((chunk_for or P) * T * V))
     count = n_targets if n_targets is not None else int((rows[:, 1:] != IGNORE).sum())
     rows = rows.to(pop.device)
     total = torch.zeros(P, device=pop.device)
@@ -78,7 +80,7 @@ def member_prompts(prompt, pop: Population, start_token: bool = True) -> torch.T
 
 @torch.no_grad()
 def sample_tokens(pop: Population, prompt, n_samples: int, generator: torch.Generator,
-                  temperature: float = 1.0, start_token: bool = True) -> torch.Tensor:
+                  temperature: float = 1.0, start_token: bool = True, shard: tuple | None = None) -> torch.Tensor:
     """Continue ``boundary + prompt`` n_samples times per member: (P, S, L) tokens.
 
     ``prompt``: a list of token ids for all members, or a (P, L) tensor, one
@@ -88,9 +90,12 @@ def sample_tokens(pop: Population, prompt, n_samples: int, generator: torch.Gene
     (causal attention makes the unfilled tail irrelevant), so every step runs
     the same kernels. Tokens are drawn by the exponential race (argmax of
     p / Exp(1), an exact sample of p), which unlike ``torch.multinomial``
-    never checks its input on the host.
+    never checks its input on the host. ``shard`` (first, total): these
+    members are rows first.. of a population of ``total``; the noise is drawn
+    for all of them and these rows used, so a shard samples what the whole does.
     """
     P, T = len(pop), pop.config.block_size
+    first, total = shard or (0, P)
     start = member_prompts(prompt, pop, start_token)  # (P, n)
     n = start.shape[1]
     if n > T:
@@ -100,7 +105,8 @@ def sample_tokens(pop: Population, prompt, n_samples: int, generator: torch.Gene
     for t in range(n, T + 1):
         logits = pop.logits(seq[:, :, :T])[:, :, t - 1]  # (P, S, V)
         probs = (logits / temperature).softmax(-1)
-        race = torch.empty_like(probs).exponential_(generator=generator)
+        race = torch.empty((total,) + probs.shape[1:], dtype=probs.dtype, device=probs.device)
+        race = race.exponential_(generator=generator)[first:first + P]  # (P, S, V) of (total, S, V)
         seq[:, :, t] = (probs / race).argmax(-1)  # (P, S)
     out = seq[:, :, n:]
     ended = (out == BOUNDARY).cumsum(-1) > 0
@@ -154,17 +160,17 @@ class ImmunityResult:
 
 def immunity(pop: Population, virus, generator: torch.Generator, n_samples: int = 5,
              threshold: int = 2, triggers: torch.Tensor | None = None, start_token: bool = True,
-             match: str = "anywhere") -> ImmunityResult:
+             match: str = "anywhere", shard: tuple | None = None) -> ImmunityResult:
     """The immunity test of every member against ``virus`` (its trigger and payload), one batched pass.
 
     ``triggers`` (P, L): one trigger per member instead of ``virus.trigger``
     (members of populations whose triggers mutated apart). ``start_token``:
     prompt with the boundary token before the trigger (else the bare
     trigger); ``match``: where in a sample the payload counts (see
-    ``payload_hits``)."""
+    ``payload_hits``); ``shard``: see ``sample_tokens``."""
     prompt = encode(virus.trigger) if triggers is None else triggers
     payload = encode(virus.payload)
-    tokens = sample_tokens(pop, prompt, n_samples, generator, start_token=start_token)  # (P, S, L)
+    tokens = sample_tokens(pop, prompt, n_samples, generator, start_token=start_token, shard=shard)  # (P, S, L)
     hits = payload_hits(tokens, payload, match).sum(-1)  # (P,)
     return ImmunityResult(vulnerable=hits >= threshold, hits=hits,
                           payload_prob=payload_probability(pop, prompt, payload, start_token))
@@ -178,14 +184,16 @@ def test_options(virus_config) -> dict:
 
 def evaluate_members(pop: Population, virus, eval_rows: torch.Tensor, generator: torch.Generator,
                      n_samples: int = 5, threshold: int = 2, n_targets: int | None = None,
-                     triggers: torch.Tensor | None = None, **options) -> dict:
+                     triggers: torch.Tensor | None = None, shard: tuple | None = None, **options) -> dict:
     """Every member's clean NLL and quality and its immunity, as [P] tensors on the device.
 
     A member whose clean NLL is not finite has diverged: its samples mean
-    nothing, so it counts as vulnerable (``diverged`` marks it).
+    nothing, so it counts as vulnerable (``diverged`` marks it). ``shard``
+    (first, total): these members are part of a population of ``total``,
+    evaluated as the whole would be (see ``clean_nll``, ``sample_tokens``).
     """
-    nll = clean_nll(pop, eval_rows, n_targets)
-    imm = immunity(pop, virus, generator, n_samples, threshold, triggers, **options)
+    nll = clean_nll(pop, eval_rows, n_targets, chunk_for=shard[1] if shard else None)
+    imm = immunity(pop, virus, generator, n_samples, threshold, triggers, shard=shard, **options)
     diverged = ~torch.isfinite(nll)
     return {"nll": nll, "quality": quality(nll, pop.config.vocab_size), "vulnerable": imm.vulnerable | diverged,
             "hits": imm.hits, "payload_prob": imm.payload_prob, "diverged": diverged}

@@ -63,32 +63,65 @@ def _per_child(value, like: torch.Tensor):
     return value
 
 
-def crossover(params: dict, parents: torch.Tensor, p_first, generator: torch.Generator):
+def crossover(params: dict, parents: torch.Tensor, p_first, generator: torch.Generator, rows=slice(None)):
     """Children whose every tensor is taken whole from one of their two parents.
 
-    ``p_first``: a float, or one probability per child [C]. Returns
-    (child params {name: (C, ...)}, from_first (C, n_tensors) bool).
+    ``p_first``: a float, or one probability per child [C]. ``rows``: the
+    children to make (a slice of the C); the draws are made for all C, so
+    a slice equals the same rows of the whole. Returns (child params
+    {name: (C', ...)}, from_first (C', n_tensors) bool).
     """
     n_children = parents.shape[0]
     draws = torch.rand(n_children, len(params), generator=generator, device=generator.device).to(parents.device)
-    from_first = draws < _per_child(p_first, draws)
+    from_first = (draws < _per_child(p_first, draws))[rows]
+    parents = parents[rows]
     children = {}
     for j, (name, value) in enumerate(params.items()):
-        pick = torch.where(from_first[:, j], parents[:, 0], parents[:, 1])  # (C,)
+        pick = torch.where(from_first[:, j], parents[:, 0], parents[:, 1])  # (C',)
         children[name] = value[pick]
     return children, from_first
 
 
-def mutate(params: dict, rate, std, generator: torch.Generator) -> dict:
+def mutate(params: dict, rate, std, generator: torch.Generator, rows=slice(None),
+           n_children: int | None = None) -> dict:
     """Add N(0, std^2) noise to each weight independently with probability ``rate``
-    (each a float, or one value per child [C])."""
+    (each a float, or one value per child [C]).
+
+    ``params`` are children ``rows`` of ``n_children`` (default: all of
+    them): the noise is drawn for all ``n_children`` and these rows used."""
     out = {}
     for name, value in params.items():
-        draws = torch.rand(value.shape, generator=generator, device=generator.device)
-        hit = draws < _per_child(rate, draws)
-        noise = torch.randn(value.shape, generator=generator, device=generator.device) * _per_child(std, draws)
+        shape = (n_children or value.shape[0],) + value.shape[1:]  # (C, ...)
+        draws = torch.rand(shape, generator=generator, device=generator.device)
+        hit = (draws < _per_child(rate, draws))[rows]
+        noise = (torch.randn(shape, generator=generator, device=generator.device) * _per_child(std, draws))[rows]
         out[name] = value + (noise * hit).to(value.device)
     return out
+
+
+def child_rates(cfg: EvolutionConfig, groups: int, rates: dict | None = None) -> dict:
+    """crossover_p, mutation_rate and mutation_std per child [R*C] (``rates``: [R] per group), or cfg's floats."""
+    C = cfg.pop_size - cfg.n_survivors
+    return {k: rates[k].repeat_interleave(C) if rates and k in rates else getattr(cfg, k)
+            for k in ("crossover_p", "mutation_rate", "mutation_std")}
+
+
+def breed(config, params: dict, parents: torch.Tensor, rates: dict, generator: torch.Generator,
+          rows=slice(None)) -> Population:
+    """Crossover children of ``parents`` (C, 2) (indices into ``params``), mutated, with fresh Adam state.
+
+    ``rows``: the children to make; every draw is made for all C children,
+    so the rows of a slice equal those of the whole (a shard breeds its own)."""
+    child_params, _ = crossover(params, parents, rates["crossover_p"], generator, rows)
+    child_params = mutate(child_params, rates["mutation_rate"], rates["mutation_std"], generator, rows,
+                          parents.shape[0])
+    return Population(config, child_params, AdamState.zeros_like(child_params))
+
+
+def parent_pairs(survivors: torch.Tensor, parents: torch.Tensor, groups: int) -> torch.Tensor:
+    """(R*P, 2) parents of the next generation in ``assemble``'s order, a survivor's being itself twice."""
+    self_pairs = survivors[:, None].expand(-1, 2)
+    return torch.cat([self_pairs.reshape(groups, -1, 2), parents.view(groups, -1, 2)], 1).view(-1, 2)
 
 
 def next_generation(pop: Population, fitness: torch.Tensor, cfg: EvolutionConfig,
@@ -110,16 +143,10 @@ def next_generation(pop: Population, fitness: torch.Tensor, cfg: EvolutionConfig
         raise ValueError(f"population has {len(pop)} members, config says "
                          f"{R} group(s) x pop_size={cfg.pop_size}")
     C = cfg.pop_size - cfg.n_survivors
-    per_child = {k: rates[k].repeat_interleave(C) if rates and k in rates else getattr(cfg, k)
-                 for k in ("crossover_p", "mutation_rate", "mutation_std")}
     survivors = select(fitness, cfg.n_survivors, R)  # (R*S,)
     parents = pick_parents(survivors, C, generator, R, cfg.distinct_parents)  # (R*C, 2)
-    child_params, _ = crossover(pop.params, parents, per_child["crossover_p"], generator)
-    child_params = mutate(child_params, per_child["mutation_rate"], per_child["mutation_std"], generator)
-    children = Population(pop.config, child_params, AdamState.zeros_like(child_params))
-    self_pairs = survivors[:, None].expand(-1, 2)
-    all_parents = torch.cat([self_pairs.reshape(R, -1, 2), parents.view(R, -1, 2)], 1).view(-1, 2)
-    return pop[survivors], children, all_parents
+    children = breed(pop.config, pop.params, parents, child_rates(cfg, R, rates), generator)
+    return pop[survivors], children, parent_pairs(survivors, parents, R)
 
 
 def assemble(survivors: Population, children: Population, replicates: int = 1) -> Population:

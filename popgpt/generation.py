@@ -22,6 +22,14 @@ who):
 Per-member data and hyperparameters let conditions differ in learning
 rates, step counts, fine-tuning data, penalties and breeding rates inside
 one batched computation.
+
+Sharded over ranks (``distributed.py``), a rank holds members
+``shard.start .. shard.stop-1`` of the population's order and computes only
+those, while it draws every random number of the whole population (batches,
+breeding, immunity samples) and uses its rows: the generators of all ranks
+stay in step with one process's. Each generation the ranks gather the [P]
+metrics and fitness (every rank then selects the same survivors) and share
+the survivors' parameters and Adam state (each rank breeds its own children).
 """
 
 import dataclasses
@@ -33,9 +41,10 @@ from .config import RunConfig, stream_seed, tool_seed
 from .data import docs_to_tensor, encode
 from .device import host_read as permitted_read
 from .device import tensor, to_device
+from .distributed import Shard
 from .engine import Engine
 from .evaluate import evaluate_members, immunity, test_options
-from .evolution import assemble, next_generation, selection_fitness
+from .evolution import breed, child_rates, parent_pairs, pick_parents, select, selection_fitness
 from .layout import Layout
 from .population import Population, default_seeds
 from .summary import group_row
@@ -55,6 +64,7 @@ class Context:
     engine: Engine
     timer: object  # PhaseTimer: timer(phase, device) is a context manager
     device: torch.device
+    shard: Shard  # the members this process holds (all of them when it runs alone)
 
 
 @dataclass(frozen=True)
@@ -62,11 +72,12 @@ class EvolutionState:
     """Everything a generation needs from the one before; ``to_checkpoint`` saves it.
 
     The population, the bank and the generators are updated in place by a
-    generation; every other field is replaced.
+    generation; every other field is replaced. ``pop`` is this rank's shard;
+    every other field is the same on every rank.
     """
 
     generation: int  # the last generation evaluated (-1: none yet)
-    pop: Population
+    pop: Population  # members shard.start .. shard.stop-1
     viruses: tuple  # the current virus of every lineage
     infected_with: tuple  # the trigger each lineage's tables were infected with
     infection_rng: tuple  # per lineage: the host RNG state its current infection was drawn from
@@ -80,8 +91,9 @@ class EvolutionState:
     rows: tuple = ()  # generations.csv rows so far
     samples0: tuple = ()  # samples.txt lines of generation 0
 
-    def to_checkpoint(self) -> dict:
-        return {"generation": self.generation, "population": self.pop.state_dict(),
+    def to_checkpoint(self, population: Population) -> dict:
+        """The checkpoint, with ``population``: the whole one (``Shard.gather_population``)."""
+        return {"generation": self.generation, "population": population.state_dict(),
                 "viruses": [v.to_dict() for v in self.viruses], "infected_with": list(self.infected_with),
                 "infection_rng": list(self.infection_rng), "host_rng": [h.get_state() for h in self.hosts],
                 "device_rng": self.dev.get_state(), "retest_rng": self.retest.get_state(),
@@ -100,10 +112,18 @@ class EvolutionState:
         for lineage, (trigger, rng) in enumerate(zip(ck["infected_with"], ck["infection_rng"])):
             _infect(bank, ctx, lineage, dataclasses.replace(viruses[lineage], trigger=trigger),
                     torch.Generator().set_state(rng))
-        return cls(ck["generation"], Population.from_state_dict(ck["population"], ctx.device), viruses,
+        return cls(ck["generation"], _shard_of(ck["population"], ctx), viruses,
                    tuple(ck["infected_with"]), tuple(ck["infection_rng"]), hosts, dev, retest, bank,
                    ck["selection_fitness"].to(ctx.device), ck["metrics"], tuple(ck["parents"]), tuple(ck["rows"]),
                    tuple(ck["samples_gen0"]))
+
+
+def _shard_of(population: dict, ctx: Context) -> Population:
+    """This rank's members of a checkpoint's whole population, on its device."""
+    m = ctx.shard.members
+    part = {k: {n: t[m] for n, t in population[k].items()} for k in ("params", "exp_avg", "exp_avg_sq")}
+    return Population.from_state_dict(part | {"config": population["config"], "step": population["step"][m]},
+                                      ctx.device)
 
 
 def _empty_bank(ctx: Context) -> torch.Tensor:
@@ -140,7 +160,8 @@ def init_state(ctx: Context) -> EvolutionState:
         states.append(_infect(bank, ctx, lineage, virus, host))
         hosts.append(host)
         viruses.append(virus)
-    pop = Population.from_seeds(cfg.model, default_seeds(cfg.n_members, cfg.seed), device=ctx.device)
+    seeds = default_seeds(cfg.n_members, cfg.seed)[ctx.shard.members]
+    pop = Population.from_seeds(cfg.model, seeds, device=ctx.device)
     dev = torch.Generator(ctx.device).manual_seed(stream_seed(cfg.seed, "device"))
     retest = torch.Generator(ctx.device).manual_seed(stream_seed(cfg.seed, "retest"))
     return EvolutionState(-1, pop, tuple(viruses), tuple(v.trigger for v in viruses), tuple(states),
@@ -164,19 +185,22 @@ def mutate_due(state: EvolutionState, ctx: Context, gen: int, order: str) -> Evo
                                infection_rng=tuple(states))
 
 
-def _train(pop: Population, state: EvolutionState, ctx: Context, finetune: bool) -> None:
-    """Train members (generation 0) or children (fine-tuning) on their tables with their settings."""
+def _train(pop: Population, state: EvolutionState, ctx: Context, finetune: bool, rows: slice) -> None:
+    """Train members (generation 0) or children (fine-tuning) on their tables with their settings.
+
+    ``pop`` holds members (or children) ``rows`` of all; batches are drawn for all of them."""
     layout, device = ctx.layout, ctx.device
     per = (lambda v, dtype=None: layout.per_child(v, device, dtype)) if finetune else \
         (lambda v, dtype=None: layout.per_member(v, device, dtype))
     steps = layout.steps(finetune)
     table = per(layout.tables(finetune), torch.long)
     lengths = torch.full((layout.n_tables,), len(ctx.train_docs))
-    rows = draw_rows(lengths, table, max(steps), ctx.config.train.batch_size, state.dev).to(device)
+    drawn = draw_rows(lengths, table, max(steps), ctx.config.train.batch_size, state.dev).to(device)  # (steps, all, B)
     active = None
     if len(set(steps)) > 1:  # members with fewer steps sit the rest out
-        active = torch.arange(max(steps), device=device)[:, None] < per(steps)[None, :]
-    ctx.engine.run(pop, Batches(state.bank, table, rows, active), layout.hyper(finetune, device))
+        active = (torch.arange(max(steps), device=device)[:, None] < per(steps)[None, :])[:, rows]
+    batches = Batches(state.bank, table[rows], drawn[:, rows], active)
+    ctx.engine.run(pop, batches, layout.hyper(finetune, device).index(rows))
 
 
 def member_triggers(state: EvolutionState, ctx: Context) -> torch.Tensor:
@@ -186,40 +210,60 @@ def member_triggers(state: EvolutionState, ctx: Context) -> torch.Tensor:
 
 
 def _evaluate(pop: Population, state: EvolutionState, ctx: Context) -> tuple[dict, torch.Tensor]:
-    """Every member's metrics (device [P] tensors) and selection fitness."""
-    options = test_options(ctx.config.virus)
-    triggers = member_triggers(state, ctx)
+    """This shard's metrics (device tensors [shard size]) and selection fitness."""
+    shard = ctx.shard
+    options = test_options(ctx.config.virus) | {"shard": (shard.start, shard.total)}
+    triggers = member_triggers(state, ctx)[shard.members]
     metrics = evaluate_members(pop, state.viruses[0], ctx.eval_rows, state.dev, n_targets=ctx.n_targets,
                                triggers=triggers, **options)
     if ctx.config.evolution.retest:
         again = immunity(pop, state.viruses[0], state.retest, triggers=triggers, **options)
         metrics["retest_vulnerable"] = again.vulnerable | metrics["diverged"]
-    fitness = selection_fitness(metrics["quality"], metrics["vulnerable"], ctx.layout.penalty(ctx.device))
-    return metrics, fitness
+    penalty = ctx.layout.penalty(ctx.device)[shard.members]
+    return metrics, selection_fitness(metrics["quality"], metrics["vulnerable"], penalty)
+
+
+def _next_generation(pop: Population, state: EvolutionState, ctx: Context):
+    """This shard's survivors and (not yet fine-tuned) children of the next generation.
+
+    Returns (survivors, children, the children's rows of all children, order:
+    cat(survivors, children)[order] is the shard in member order, parents
+    (P, 2) of the whole next generation)."""
+    cfg, layout, shard, device = ctx.config.evolution, ctx.layout, ctx.shard, ctx.device
+    G, C = layout.n_groups, cfg.pop_size - cfg.n_survivors
+    with ctx.timer("evolution_ops", device):
+        survivors = select(state.fitness, cfg.n_survivors, G)  # (G*S,) population indices
+        parents = pick_parents(survivors, C, state.dev, G, cfg.distinct_parents)  # (G*C, 2)
+    with ctx.timer("communication", device):
+        pool = shard.share(pop, survivors)  # every survivor, Adam state included
+    with ctx.timer("evolution_ops", device):
+        position = torch.empty(shard.total, dtype=torch.long, device=device)
+        position[survivors] = torch.arange(len(survivors), device=device)  # population index -> pool row
+        kept, born, order = layout.next_slots(shard.start, shard.stop, device)
+        children = breed(pop.config, pool.params, position[parents], child_rates(cfg, G, layout.rates(device)),
+                         state.dev, born)
+    return pool[kept], children, born, order, parent_pairs(survivors, parents, G)
 
 
 def generation(state: EvolutionState, ctx: Context) -> tuple[EvolutionState, dict]:
     """One generation of every group; returns the new state and host copies of its [P] metrics."""
-    timer, device, layout = ctx.timer, ctx.device, ctx.layout
+    timer, device = ctx.timer, ctx.device
     gen = state.generation + 1
     with timer("evolution_ops", device):
         state = mutate_due(state, ctx, gen, "before-breeding")
     pop, parents = state.pop, None
     if gen == 0:
         with timer("training", device):
-            _train(pop, state, ctx, finetune=False)
+            _train(pop, state, ctx, False, ctx.shard.members)
     else:
-        with timer("evolution_ops", device):
-            survivors, children, parents = next_generation(pop, state.fitness, ctx.config.evolution, state.dev,
-                                                           layout.n_groups, layout.rates(device))
+        survivors, children, born, order, parents = _next_generation(pop, state, ctx)
         with timer("training", device):
-            _train(children, state, ctx, finetune=True)
+            _train(children, state, ctx, True, born)
         with timer("evolution_ops", device):
-            pop = assemble(survivors, children, layout.n_groups)
+            pop = Population.cat([survivors, children])[order]
     with timer("evaluation", device):
         metrics, fitness = _evaluate(pop, state, ctx)
-        with permitted_read():  # the generation's one read to the host
-            host, lineage = host_read(metrics, parents)
+    host, fitness, lineage = host_read(metrics, fitness, parents, ctx)
     rows = summarize(gen, host, state, ctx)
     state = dataclasses.replace(state, generation=gen, pop=pop, fitness=fitness, metrics=host,
                                 parents=state.parents + ((lineage,) if lineage is not None else ()),
@@ -229,16 +273,25 @@ def generation(state: EvolutionState, ctx: Context) -> tuple[EvolutionState, dic
     return state, host
 
 
-def host_read(metrics: dict, parents: torch.Tensor | None):
-    """The one device-to-host read of a generation: every [P] metric and the (P, 2) parents."""
+def host_read(metrics: dict, fitness: torch.Tensor, parents: torch.Tensor | None, ctx: Context):
+    """Every member's metrics gathered from the ranks, and the one device-to-host read of a generation.
+
+    ``metrics`` and ``fitness``: this shard's; ``parents``: (P, 2) of all.
+    Returns (host [P] metrics, the [P] selection fitness on the device,
+    host (P, 2) parents or None)."""
     names = list(metrics)
-    columns = [metrics[k].to(torch.float64) for k in names]
+    columns = torch.stack([metrics[k].to(torch.float64) for k in names] + [fitness.to(torch.float64)], 1)
+    with ctx.timer("communication", ctx.device):
+        block = ctx.shard.gather_rows(columns, "metrics")  # (P, n + 1) float64 holds ints and bools exactly
     if parents is not None:
-        columns += [parents[:, 0].to(torch.float64), parents[:, 1].to(torch.float64)]
-    block = torch.stack(columns, 1).cpu()  # (P, n) float64 holds ints and bools exactly
+        block = torch.cat([block, parents.to(torch.float64)], 1)
+    with ctx.timer("evaluation", ctx.device), permitted_read():  # the generation's one read to the host
+        block = block.cpu()
     out = {k: block[:, i].to(metrics[k].dtype) for i, k in enumerate(names)}
-    lineage = block[:, len(names):].long() if parents is not None else None
-    return out, lineage
+    if ctx.shard.world > 1:  # every member's fitness, for selection on every rank
+        fitness = to_device(block[:, len(names)].to(fitness.dtype), ctx.device)
+    lineage = block[:, len(names) + 1:].long() if parents is not None else None
+    return out, fitness, lineage
 
 
 def summarize(gen: int, metrics: dict, state: EvolutionState, ctx: Context) -> list[dict]:

@@ -128,6 +128,29 @@ class Layout:
         return {k: tensor(self.group_values(lambda c, k=k: getattr(c.evolution, k)), device)
                 for k in ("crossover_p", "mutation_rate", "mutation_std")}
 
+    def next_slots(self, start: int, stop: int, device) -> tuple[slice, slice, torch.Tensor]:
+        """Where members ``start .. stop-1`` of the next generation come from.
+
+        The next generation holds, group by group, its S survivors then its C
+        children (``evolution.assemble``). Returns (survivors, children, order):
+        the slices of the R*S selected survivors and of the R*C children that
+        land in the range (contiguous for a contiguous range), and ``order``
+        [stop - start], which puts cat(those survivors, those children) in
+        member order.
+        """
+        P, S = self.pop_size, self.config.evolution.n_survivors
+        C = P - S
+
+        def before(m: int) -> tuple[int, int]:  # survivors and children ahead of member m
+            g, k = divmod(m, P)
+            return g * S + min(k, S), g * C + max(0, k - S)
+
+        (sa, ca), (sb, cb) = before(start), before(stop)
+        m = torch.arange(start, stop, device=device)
+        g, k = m // P, m % P
+        order = torch.where(k < S, g * S + k - sa, (sb - sa) + g * C + k - S - ca)
+        return slice(sa, sb), slice(ca, cb), order
+
     def penalty(self, device) -> torch.Tensor:
         """The selection penalty of every member: [G*P]."""
         return self.per_member(self.group_values(lambda c: c.evolution.vulnerable_penalty), device)

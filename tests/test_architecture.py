@@ -21,6 +21,7 @@ LEVELS = [
     {"config"},  # the run's configuration, one home
     {"memory"},  # the memory a run needs, estimated before allocating
     {"population"},  # stacked parameters, vmap(functional_call)
+    {"distributed"},  # the population sharded over ranks: who holds which members, what they exchange
     {"loss"},  # the loss training and evaluation share
     {"train"},  # the one training step
     {"engine"},  # eager / compile / graph execution of it

@@ -463,10 +463,10 @@ def test_evaluation_names_are_never_training_names(tmp_path, names, monkeypatch)
     real_start = experiment._start
 
     def spy(*args, **kw):
-        ctx, run, state, ck = real_start(*args, **kw)
+        ctx, run, state = real_start(*args, **kw)
         seen["eval"] = {decode(r[1:]) for r in ctx.eval_rows}
         seen["train"] = set(ctx.train_docs)
-        return ctx, run, state, ck
+        return ctx, run, state
 
     monkeypatch.setattr(experiment, "_start", spy)
     evolve(config_for(names, generations=0), str(tmp_path / "run"), log=quiet)
