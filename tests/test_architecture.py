@@ -21,6 +21,8 @@ LEVELS = [
     {"config"},  # the run's configuration, one home
     {"memory"},  # the memory a run needs, estimated before allocating
     {"population"},  # stacked parameters, vmap(functional_call)
+    {"cache"},  # the batched activation cache and interventions (the microscope)
+    {"patching"},  # ablation and patching sweeps on it
     {"loss"},  # the loss training and evaluation share
     {"train"},  # the one training step
     {"engine"},  # eager / compile / graph execution of it
