@@ -34,7 +34,8 @@ LEVELS = [
     {"generation"},  # EvolutionState and generation(state, ctx)
     {"experiment"},  # evolve(): set-up, the loop, the writer
     {"analysis"},  # lineage, special members, re-tests
-    {"heads", "vaccine", "revival"},  # experiments on a finished run
+    {"heads", "vaccine", "revival", "attention", "induction"},  # experiments on a finished run; induction heads
+    {"induction_report"},  # popgpt induction's folder: tables, plots
     {"compare"},  # conditions side by side, against the source's table
     {"report"},
     {"cli"},
