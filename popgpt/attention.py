@@ -100,22 +100,20 @@ def draw_grid(panels: list, chars: list[str], path: str, title: str) -> bool:
     import matplotlib.pyplot as plt
 
     L, H, T = panels[0][1].shape[0], panels[0][1].shape[1], len(chars)
-    rows = len(panels) * L
-    fig, axes = plt.subplots(rows, H, figsize=(2.3 * H + 0.6, 2.45 * rows + 0.5), squeeze=False)
-    for b, (label, pat) in enumerate(panels):
+    fig = plt.figure(figsize=(2.1 * H + 0.4, (2.2 * L + 0.35) * len(panels) + 0.4), layout="constrained")
+    for sub, (label, pat) in zip(fig.subfigures(len(panels), 1, squeeze=False)[:, 0], panels):
         vmax = 1.0 if "standard deviation" not in label else float(pat.max()) or 1.0
+        sub.suptitle(label, fontsize=9)
+        axes = sub.subplots(L, H, squeeze=False)
         for layer in range(L):
             for h in range(H):
-                ax = axes[b * L + layer, h]
+                ax = axes[layer, h]
                 ax.imshow(pat[layer, h].numpy(), cmap="Blues", vmin=0.0, vmax=vmax)
                 ax.set_xticks(range(T), chars, fontsize=7)
                 ax.set_yticks(range(T), chars, fontsize=7)
                 ax.tick_params(length=0)
                 ax.set_title(f"L{layer} H{h}", fontsize=8)
-            axes[b * L, 0].set_ylabel(label, fontsize=8, rotation=0, ha="left", va="bottom",
-                                      labelpad=0).set_position((0, 1.18))
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return True

@@ -221,7 +221,6 @@ def causal_check(pop: Population, seqs: torch.Tensor, induction: torch.Tensor, t
 
     A member with no head at or above ``threshold`` has its best-scoring head ablated (``detected``
     False). The random head is drawn uniformly among the heads not ablated in the first case."""
-    P = len(pop)
     flat = induction.flatten(1)  # (P, L*H)
     detected = flat.max(1).values >= threshold
     heads = torch.where(detected[:, None], flat >= threshold,
@@ -327,7 +326,8 @@ def member_rows(depths: list[dict]) -> list[dict]:
                          "grew_induction_heads": bool(c["detected"][i]),
                          "induction_heads": " ".join(f"L{j // H}H{j % H}" for j in
                                                      c["induction_heads"][i].flatten().nonzero().flatten().tolist()),
-                         "random_head": "L{0}H{1}".format(*divmod(int(c["random_head"][i].flatten().float().argmax()), H)),
+                         "random_head": "L{0}H{1}".format(*divmod(int(c["random_head"][i].flatten().int().argmax()),
+                                                                   H)),
                          "ablate_induction_d_loss_second": float(c["induction_second"][i]),
                          "ablate_random_d_loss_second": float(c["random_second"][i]),
                          "ablate_induction_d_loss_first": float(c["induction_first"][i]),

@@ -108,7 +108,8 @@ def test_mean_ablation_equals_a_single_model_with_the_mean_written_in(pop):
 
 
 def test_patching_with_itself_changes_nothing(pop):
-    names = ["blocks.0.attn.hook_z", "blocks.1.hook_resid_pre", "blocks.1.attn.hook_pattern", "blocks.0.mlp.hook_post"]
+    names = ["blocks.0.attn.hook_z", "blocks.1.hook_resid_pre", "blocks.1.attn.hook_pattern",
+             "blocks.0.mlp.hook_post"]
     clean, cache = run_with_cache(pop, TOKENS, names)
     edits = [patch(names[0], cache[names[0]], positions=[3, 4], heads=[1]), patch(names[1], cache[names[1]]),
              patch(names[2], cache[names[2]], heads=[0, 3]), patch(names[3], cache[names[3]], positions=[0])]

@@ -141,8 +141,8 @@ def _run(tmp_path, name, *extra):
     names = tmp_path / "names.txt"
     if not names.exists():
         names.write_text("\n".join(load_names(NAMES)[:400]) + "\n")
-    argv = ["induction", "--data", str(names), "--depths", "1,2", "--inits", "2", "--orders", "1", "--steps", "6", "--every", "3",
-            "--eval-seqs", "8", "--block-size", "21", "--threads", "1", "--out", out, *extra]
+    argv = ["induction", "--data", str(names), "--depths", "1,2", "--inits", "2", "--orders", "1", "--steps", "6",
+            "--every", "3", "--eval-seqs", "8", "--block-size", "21", "--threads", "1", "--out", out, *extra]
     assert main(argv) == 0
     return out
 
