@@ -119,7 +119,8 @@ def test_patching_with_itself_changes_nothing(pop):
 
 def test_patching_the_whole_input_residual_gives_the_source_run(pop):
     source_logits, source = run_with_cache(pop, OTHER, ["blocks.0.hook_resid_pre"])
-    patched, _ = run_with_cache(pop, TOKENS, edits=[patch("blocks.0.hook_resid_pre", source["blocks.0.hook_resid_pre"])])
+    whole = patch("blocks.0.hook_resid_pre", source["blocks.0.hook_resid_pre"])
+    patched, _ = run_with_cache(pop, TOKENS, edits=[whole])
     torch.testing.assert_close(patched, source_logits)
     partial, _ = run_with_cache(pop, TOKENS, edits=[patch("blocks.0.hook_resid_pre", source["blocks.0.hook_resid_pre"],
                                                           positions=range(6, 12))])
