@@ -1,8 +1,9 @@
-"""Command line: ``popgpt evolve | sample | report | vaccinate | revive | heads``.
+"""Command line: ``popgpt evolve | sample | report | vaccinate | revive | heads | attention | induction``.
 
 ``evolve`` runs (or resumes) the evolution experiment; ``sample`` prints
 names from one saved member; ``report`` writes tables and plots of a run;
-``vaccinate``, ``revive`` and ``heads`` are experiments on a finished run.
+``vaccinate``, ``revive``, ``heads`` and ``attention`` are experiments on a
+finished run; ``induction`` trains its own populations (induction heads).
 Flags map onto the config dataclasses; errors name the flag.
 """
 
@@ -22,7 +23,9 @@ from .config import CONDITION_FIELDS, RunConfig
 from . import distributed
 from .data import DataError
 from .experiment import evolve
+from .attention import GROUP_PICKS, show_attention
 from .heads import analyze_heads
+from .induction_report import run_induction
 from .report import write_report
 from .revival import RevivalConfig, revive
 from .runio import RunError, is_run_folder, list_checkpoints
@@ -173,6 +176,58 @@ def _run_flags(ev: argparse.ArgumentParser) -> None:
         ev.add_argument(f"--{flag}", type=finite_float if typ is float else typ, help=f"{text} ({shown})")
 
 
+ATTENTION_EPILOG = """examples:
+  popgpt attention runs/full --member best-vulnerable --member best-immune --text qxzzzemma
+  popgpt attention runs/full --population --text emma
+"""
+
+INDUCTION_EPILOG = """examples:
+  popgpt induction --preset quick --threads 1 --out runs/induction-quick   # under 10 minutes on a 2-core CPU
+  popgpt induction --out runs/induction-full                              # the full size (defaults)
+"""
+
+# flag -> (type, help); defaults come from InductionConfig
+INDUCTION_FLAGS = {
+    "depths": (str, "comma-separated layer counts; 1 is the negative control"),
+    "tasks": (str, "comma-separated tasks: repeat (a random string written twice after a random prefix: copying "
+              "pays) and/or names (names as they are)"),
+    "inits": (int, "init seeds per depth and task"),
+    "orders": (int, "data orders per init seed (members of one order see the same rows)"),
+    "steps": (int, "training steps, the same for every member"),
+    "every": (int, "measure every score every N steps (the phase step's resolution)"),
+    "batch-size": (int, "rows per member per step"),
+    "lr": (finite_float, "Adam learning rate"),
+    "min-len": (int, "shortest repeated string in training"),
+    "max-len": (int, "longest repeated string in training"),
+    "eval-len": (int, "length n of the scoring sequences . r r"),
+    "eval-seqs": (int, "scoring sequences"),
+    "score-threshold": (finite_float, "a head with induction score >= this is an induction head"),
+    "icl-loss": (finite_float, "second-copy loss (nats) below which the in-context loss has dropped"),
+    "block-size": (int, "context length of the models"),
+    "seed": (int, "the experiment's seed (init seeds, data, scoring sequences, random heads)"),
+}
+INDUCTION_PRESETS = {"full": {}, "quick": {"inits": 4, "orders": 1, "steps": 1500, "every": 50}}
+
+
+def _induction_flags(sub) -> None:
+    from .induction import InductionConfig
+    ind = sub.add_parser("induction", help="train 1- and 2-layer populations: who grows induction heads, when, "
+                         "and are they the cause?", epilog=INDUCTION_EPILOG,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = InductionConfig()
+    for flag, (typ, text) in INDUCTION_FLAGS.items():
+        default = getattr(defaults, flag.replace("-", "_"))
+        default = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        quick = INDUCTION_PRESETS["quick"].get(flag.replace("-", "_"))
+        shown = f"default: {default}" + (f"; quick: {quick}" if quick is not None else "")
+        ind.add_argument(f"--{flag}", type=typ, help=f"{text} ({shown})")
+    ind.add_argument("--preset", choices=sorted(INDUCTION_PRESETS), help="size preset; flags override it")
+    ind.add_argument("--data", help="names file for the names task (default: names.txt)")
+    ind.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
+    ind.add_argument("--out", help="output folder (default: runs/induction__SEED__TIME)")
+    ind.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="popgpt", description="Populations of tiny GPTs, "
                                      "trained together.", epilog=EPILOG,
@@ -233,6 +288,19 @@ def build_parser() -> argparse.ArgumentParser:
     hd.add_argument("--names", type=positive_int, default=200, help="held-out names for clean metrics (default: 200)")
     hd.add_argument("--sigma", type=finite_float, default=1.5, help="special-member rule (default: 1.5)")
     hd.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+
+    at = sub.add_parser("attention", help="attention patterns of saved members: PNG grid and HTML page",
+                        epilog=ATTENTION_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    at.add_argument("run_dir", help="a run folder written by popgpt evolve")
+    at.add_argument("--member", action="append", default=[], metavar="N",
+                    help=f"member index, or {' / '.join(GROUP_PICKS)} (the highest-quality member of that "
+                    "group); repeatable: members side by side")
+    at.add_argument("--text", required=True, help="letters read after the start token, e.g. qxzzzemma")
+    at.add_argument("--population", action="store_true",
+                    help="also the mean and the standard deviation of the patterns over every member")
+    at.add_argument("--generation", type=count_int, help="saved generation (default: the newest)")
+    at.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    _induction_flags(sub)
 
     sm = sub.add_parser("sample", help="print names sampled from one saved member")
     sm.add_argument("run_dir", help="a run folder written by popgpt evolve")
@@ -466,12 +534,45 @@ def cmd_heads(args) -> int:
     return 0
 
 
+def cmd_attention(args) -> int:
+    show_attention(args.run_dir, args.member, args.text, args.population, args.generation,
+                   device=resolve_device(args.device))
+    return 0
+
+
+def induction_config(args):
+    """InductionConfig from the preset and the flags; errors name the flag."""
+    from .induction import InductionConfig
+    values = dict(INDUCTION_PRESETS[args.preset or "full"])
+    for flag, (typ, _) in INDUCTION_FLAGS.items():
+        value = getattr(args, flag.replace("-", "_"))
+        if value is not None:
+            values[flag.replace("-", "_")] = value
+    for key in ("depths", "tasks"):
+        if isinstance(values.get(key), str):
+            items = [v.strip() for v in values[key].split(",") if v.strip()]
+            try:
+                values[key] = tuple(int(v) for v in items) if key == "depths" else tuple(items)
+            except ValueError:
+                raise ValueError(f"--depths: expected comma-separated integers, got {values[key]!r}") from None
+    return InductionConfig(**values)
+
+
+def cmd_induction(args) -> int:
+    cfg = induction_config(args)
+    out = args.out or os.path.join("runs", f"induction__{cfg.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+    data = args.data or default_names_path()
+    run_induction(cfg, out, data, device=resolve_device(args.device), threads=args.threads,
+                  log=lambda s: print(s, flush=True))
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"evolve": cmd_evolve, "sweep": cmd_evolve, "sample": cmd_sample, "report": cmd_report,
                 "vaccinate": cmd_vaccinate, "revive": cmd_revive,
-                "heads": cmd_heads}[args.command](args)
+                "heads": cmd_heads, "attention": cmd_attention, "induction": cmd_induction}[args.command](args)
     except distributed.FromRankZero:
         return 2  # rank 0 prints it
     except (DataError, RunError, ValueError, MemoryError) as e:

@@ -17,6 +17,10 @@ Per member, layer and head:
 - ``usefulness``: increase of the clean NLL (nats/char) when the head is
   ablated (its output zeroed).
 
+All of them are read from the batched activation cache (``cache.py``:
+``hook_z``, ``hook_pattern``, ``hook_resid_post``) and its ablation sweep
+(``patching.py``).
+
 Classification of an immune member, on its "trigger head" (the head paying
 most attention to the trigger), against the vulnerable members' trigger
 heads as reference: *silenced* when its output norm on triggered input and
@@ -32,8 +36,10 @@ import torch
 from einops import rearrange
 
 from .analysis import special_by_replicate
+from .cache import run_with_cache
 from .data import BOUNDARY, encode, inputs_targets
-from .evaluate import clean_nll, on_device
+from .evaluate import on_device
+from .patching import ablation_sweep, mean_nll
 from .population import Population
 from .runio import format_table, write_atomic, write_json
 from .runs import OpenRun, locked_run
@@ -56,13 +62,15 @@ def head_metrics(pop: Population, trigger: list[int], payload: list[int], clean_
     L, H = cfg.n_layer, cfg.n_head
     seq = on_device([BOUNDARY, *trigger, *payload], pop.device)
     t0 = len(trigger)  # the last trigger character's position: it predicts payload[0]
-    logits, cache = pop.logits(seq[None, :-1], return_cache=True)
+    z_names = [f"blocks.{layer}.attn.hook_z" for layer in range(L)]
+    pattern_names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(L)]
+    _, cache = run_with_cache(pop, seq[None, :-1], [*z_names, *pattern_names, f"blocks.{L - 1}.hook_resid_post"])
     final = cache[f"blocks.{L - 1}.hook_resid_post"][:, 0]  # (P, T, C)
     scale = torch.rsqrt(final.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)[:, t0:]  # (P, n, 1)
     unembed = pop.params["lm_head"][:, seq[t0 + 1:]]  # (P, n, C): the row of each predicted payload char
 
     x, y = inputs_targets(clean_rows.to(pop.device))
-    _, clean_cache = pop.logits(x, return_cache=True)
+    _, clean_cache = run_with_cache(pop, x, z_names)
     valid = (y >= 0).float()  # (B, T)
     out = {k: torch.zeros(len(pop), L, H, device=pop.device) for k in METRICS}
     for layer in range(L):
@@ -73,13 +81,7 @@ def head_metrics(pop: Population, trigger: list[int], payload: list[int], clean_
         out["payload_dla"][:, layer] = torch.einsum("pnhc,pnc->ph", trig * scale[:, :, None], unembed) / trig.shape[1]
         norms = head_outputs(pop, clean_cache, layer).norm(dim=-1)  # (P, B, T, H)
         out["norm_clean"][:, layer] = (norms * valid[None, :, :, None]).sum((1, 2)) / valid.sum()
-
-    base = clean_nll(pop, clean_rows)
-    for layer in range(L):
-        for h in range(H):
-            mask = torch.ones(L, H, device=pop.device)
-            mask[layer, h] = 0.0
-            out["usefulness"][:, layer, h] = clean_nll(pop, clean_rows, head_mask=mask) - base
+    out["usefulness"] = ablation_sweep(pop, x, mean_nll(y))
     return out
 
 

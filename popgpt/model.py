@@ -73,22 +73,34 @@ def rmsnorm(x: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
-def causal_attention(x, qkv_w, out_w, n_head: int, return_pattern: bool = False, head_mask=None):
+def _pass(name: str, x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def causal_attention(x, qkv_w, out_w, n_head: int, return_pattern: bool = False, head_mask=None,
+                     hook=None, prefix: str = ""):
     """Multi-head causal self-attention on x (B, T, C); matmul + mask + softmax.
 
     ``head_mask`` (H,) scales each head's output (0 ablates it). With
     ``return_pattern`` also returns the pattern (B, H, T, T) and the per-head
     values z (B, T, H, D) that ``out_w`` maps back to the residual stream.
+    ``hook(name, tensor) -> tensor`` sees (and may replace) ``prefix + hook_q``,
+    ``hook_k``, ``hook_v``, ``hook_z`` (B, T, H, D), ``hook_attn_scores`` and
+    ``hook_pattern`` (B, H, T, T), in TransformerLens's layouts.
     """
     B, T, C = x.shape
-    q, k, v = F.linear(x, qkv_w).split(C, dim=-1)  # 3 x (B, T, C)
-    q, k, v = (rearrange(t, "b t (h d) -> b h t d", h=n_head) for t in (q, k, v))
+    hook = hook or _pass
+    q, k, v = (hook(f"{prefix}hook_{n}", rearrange(t, "b t (h d) -> b t h d", h=n_head))
+               for n, t in zip("qkv", F.linear(x, qkv_w).split(C, dim=-1)))  # 3 x (B, T, H, D)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # 3 x (B, H, T, D)
     scores = (q @ k.transpose(-1, -2)) * (C // n_head) ** -0.5  # (B, H, T, T)
     causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-    pattern = scores.masked_fill(~causal, float("-inf")).softmax(-1)  # (B, H, T, T)
+    scores = hook(f"{prefix}hook_attn_scores", scores.masked_fill(~causal, float("-inf")))
+    pattern = hook(f"{prefix}hook_pattern", scores.softmax(-1))  # (B, H, T, T)
     z = rearrange(pattern @ v, "b h t d -> b t h d")
     if head_mask is not None:
         z = z * head_mask[:, None]
+    z = hook(f"{prefix}hook_z", z)
     out = F.linear(rearrange(z, "b t h d -> b t (h d)"), out_w)
     return (out, pattern, z) if return_pattern else out
 
@@ -135,32 +147,51 @@ class MicroGPT(nn.Module):
             return [self]
         return [getattr(self, f"layer{i}") for i in range(self.config.n_layer)]
 
-    def forward(self, idx: torch.Tensor, return_cache: bool = False, head_mask=None):
+    def forward(self, idx: torch.Tensor, return_cache: bool = False, head_mask=None, names=None, edit=None):
         """Logits (B, T, V) for token ids idx (B, T).
 
         With ``return_cache=True`` also returns a dict of activations named as
-        in TransformerLens (``blocks.{i}.attn.hook_pattern`` (B, H, T, T),
-        ``blocks.{i}.attn.hook_z`` (B, T, H, D), ``blocks.{i}.hook_resid_pre``
-        / ``hook_resid_post``) as explicit outputs, so the forward stays
-        usable under ``vmap``. ``head_mask`` (n_layer, H) scales every head's
-        output (0 ablates a head).
+        in TransformerLens (``hook_names(config)`` lists them), as explicit
+        outputs, so the forward stays usable under ``vmap`` (forward hooks
+        are not). ``names``: keep only these (default: all). ``edit(name,
+        tensor) -> tensor`` may replace any activation on its way through
+        (ablation, patching: ``popgpt/cache.py``). ``head_mask`` (n_layer, H)
+        scales every head's output (0 ablates a head).
         """
         cfg = self.config
         B, T = idx.shape
         if T > cfg.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {cfg.block_size}")
-        x = self.wte[idx] + self.wpe[:T]  # (B, T, C)
         cache = {}
+
+        def hook(name, x):
+            if edit is not None:
+                x = edit(name, x)
+            if return_cache and (names is None or name in names):
+                cache[name] = x
+            return x
+
+        x = hook("hook_embed", self.wte[idx]) + hook("hook_pos_embed", self.wpe[:T].expand(B, T, -1))  # (B, T, C)
         for i, block in enumerate(self._blocks()):
-            cache[f"blocks.{i}.hook_resid_pre"] = x
-            attn, pattern, z = causal_attention(rmsnorm(x, cfg.norm_eps), block.attn_qkv, block.attn_out,
-                                                cfg.n_head, return_pattern=True,
-                                                head_mask=None if head_mask is None else head_mask[i])
-            cache[f"blocks.{i}.attn.hook_pattern"] = pattern
-            cache[f"blocks.{i}.attn.hook_z"] = z
-            x = x + attn
-            hidden = F.relu(F.linear(rmsnorm(x, cfg.norm_eps), block.mlp_fc1))  # (B, T, 4C)
-            x = x + F.linear(hidden, block.mlp_fc2)
-            cache[f"blocks.{i}.hook_resid_post"] = x
-        logits = F.linear(rmsnorm(x, cfg.norm_eps), self.lm_head)  # (B, T, V)
+            pre = f"blocks.{i}."
+            x = hook(pre + "hook_resid_pre", x)
+            h = hook(pre + "ln1.hook_normalized", rmsnorm(x, cfg.norm_eps))
+            attn = causal_attention(h, block.attn_qkv, block.attn_out, cfg.n_head, hook=hook, prefix=pre + "attn.",
+                                    head_mask=None if head_mask is None else head_mask[i])
+            x = hook(pre + "hook_resid_mid", x + hook(pre + "hook_attn_out", attn))
+            h = hook(pre + "ln2.hook_normalized", rmsnorm(x, cfg.norm_eps))
+            hidden = hook(pre + "mlp.hook_post", F.relu(hook(pre + "mlp.hook_pre", F.linear(h, block.mlp_fc1))))
+            x = hook(pre + "hook_resid_post", x + hook(pre + "hook_mlp_out", F.linear(hidden, block.mlp_fc2)))
+        logits = F.linear(hook("ln_final.hook_normalized", rmsnorm(x, cfg.norm_eps)), self.lm_head)  # (B, T, V)
         return (logits, cache) if return_cache else logits
+
+
+BLOCK_HOOKS = ("hook_resid_pre", "ln1.hook_normalized", "attn.hook_q", "attn.hook_k", "attn.hook_v",
+               "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z", "hook_attn_out", "hook_resid_mid",
+               "ln2.hook_normalized", "mlp.hook_pre", "mlp.hook_post", "hook_mlp_out", "hook_resid_post")
+
+
+def hook_names(config: ModelConfig) -> list[str]:
+    """Every activation ``forward(return_cache=True)`` can return, in the order it computes them."""
+    blocks = [f"blocks.{i}.{h}" for i in range(config.n_layer) for h in BLOCK_HOOKS]
+    return ["hook_embed", "hook_pos_embed", *blocks, "ln_final.hook_normalized"]

@@ -22,6 +22,8 @@ LEVELS = [
     {"memory"},  # the memory a run needs, estimated before allocating
     {"population"},  # stacked parameters, vmap(functional_call)
     {"distributed"},  # the population sharded over ranks: who holds which members, what they exchange
+    {"cache"},  # the batched activation cache and interventions (the microscope)
+    {"patching"},  # ablation and patching sweeps on it
     {"loss"},  # the loss training and evaluation share
     {"train"},  # the one training step
     {"engine"},  # eager / compile / graph execution of it
@@ -33,7 +35,8 @@ LEVELS = [
     {"generation"},  # EvolutionState and generation(state, ctx)
     {"experiment"},  # evolve(): set-up, the loop, the writer
     {"analysis"},  # lineage, special members, re-tests
-    {"heads", "vaccine", "revival"},  # experiments on a finished run
+    {"heads", "vaccine", "revival", "attention", "induction"},  # experiments on a finished run; induction heads
+    {"induction_report"},  # popgpt induction's folder: tables, plots
     {"compare"},  # conditions side by side, against the source's table
     {"report"},
     {"cli"},

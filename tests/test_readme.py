@@ -26,3 +26,12 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     final = load_checkpoint(str(tmp_path / "runs" / "api-example"))["metrics"]
     assert namespace["results"]["final"]["immune_frac"] == pytest.approx(float((~final["vulnerable"]).float().mean()))
     assert namespace["results"]["final"]["fitness_all"] == pytest.approx(float(final["quality"].mean()), rel=1e-6)
+
+
+def test_readme_microscope_example_runs():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
+    namespace = {}
+    exec(compile(blocks[1], "README.md", "exec"), namespace)
+    assert namespace["useful"].shape == (8, 2, 4) and namespace["effect"].shape == (8, 2, 4)
+    assert namespace["effect"].abs().max() > 0
