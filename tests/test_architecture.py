@@ -25,6 +25,7 @@ LEVELS = [
     {"train"},  # the one training step
     {"engine"},  # eager / compile / graph execution of it
     {"evaluate"},  # quality, sampling, the immunity test
+    {"influence"},  # per-example gradients, TracIn, Gauss-Newton influence, attribution baselines
     {"summary"},  # a generation's table rows, special-member rules
     {"evolution"},  # select / crossover / mutate
     {"layout"},  # conditions x replicates x members: who reads what, with which settings
@@ -32,7 +33,7 @@ LEVELS = [
     {"generation"},  # EvolutionState and generation(state, ctx)
     {"experiment"},  # evolve(): set-up, the loop, the writer
     {"analysis"},  # lineage, special members, re-tests
-    {"heads", "vaccine", "revival"},  # experiments on a finished run
+    {"heads", "vaccine", "revival", "attribution"},  # experiments on a finished run
     {"compare"},  # conditions side by side, against the source's table
     {"report"},
     {"cli"},
