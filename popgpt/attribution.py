@@ -39,6 +39,7 @@ from .engine import Engine
 from .influence import (Query, clustering_scores, damped_solve, gauss_newton, n_params, name_features,
                         query_grads, query_losses, random_projection, spectral_scores, stream_grads)
 from .layout import Layout
+from .memory import CPU_MEMBER_BLOCK
 from .population import Population, default_seeds
 from .runio import format_table, write_atomic, write_json
 from .runs import OpenRun, locked_run
@@ -111,18 +112,23 @@ def replay_generation0(run: OpenRun, members: int, checkpoints, device="cpu") ->
     dev = torch.Generator(cfg.device if _usable(cfg.device) else "cpu").manual_seed(stream_seed(cfg.seed, "device"))
     table = layout.per_member(layout.tables(False), "cpu", torch.long)
     rows = draw_rows(torch.full((layout.n_tables,), len(docs)), table, max(layout.steps(False)),
-                     cfg.train.batch_size, dev)[:steps, :members].to(device)
-    pop = Population.from_seeds(cfg.model, default_seeds(cfg.n_members, cfg.seed)[:members], device=device)
-    hyper = layout.hyper(False, device).index(slice(0, members))
-    batches = Batches(bank, torch.zeros(members, dtype=torch.long, device=device), rows)
+                     cfg.train.batch_size, dev)[:steps].to(device)
+    # The run trained its members in blocks of CPU_MEMBER_BLOCK (on a CPU); a replay in the same blocks
+    # repeats its float rounding, so its end equals the saved generation 0 (training amplifies any change).
+    block = CPU_MEMBER_BLOCK if torch.device(cfg.device).type == "cpu" else cfg.n_members
+    replayed = min(-(-members // block) * block, layout.pop_size)
+    rows = rows[:, :replayed]
+    pop = Population.from_seeds(cfg.model, default_seeds(cfg.n_members, cfg.seed)[:replayed], device=device)
+    hyper = layout.hyper(False, device).index(slice(0, replayed))
+    batches = Batches(bank, torch.zeros(replayed, dtype=torch.long, device=device), rows)
     snapshots, done, engine = {}, 0, Engine("eager")
     for stop in sorted(set(checkpoints) | {steps}):
         engine.run(pop, Batches(bank, batches.table, rows[done:stop]), hyper)
         done = stop
-        snapshots[stop] = {k: v.clone() for k, v in pop.params.items()}
+        snapshots[stop] = {k: v[:members].clone() for k, v in pop.params.items()}
     saved = run.load(0, device).population.params
-    diff = max(float((saved[k][:members] - v).abs().max()) for k, v in pop.params.items())
-    return Replay(snapshots, docs, truth, steps, hyper, diff)
+    diff = max(float((saved[k][:members] - v).abs().max()) for k, v in snapshots[steps].items())
+    return Replay(snapshots, docs, truth, steps, hyper.index(slice(0, members)), diff)
 
 
 def _usable(device: str) -> bool:

@@ -22,6 +22,8 @@ from .attribution import POOLS, AttributionConfig, attribute
 from .config import CONDITION_FIELDS, RunConfig
 from .data import DataError
 from .experiment import evolve
+from .grok import PRESETS as GROK_PRESETS
+from .grok import GrokConfig, run_grok
 from .heads import analyze_heads
 from .report import write_report
 from .revival import RevivalConfig, revive
@@ -124,6 +126,26 @@ ATTRIBUTE_EPILOG = """examples:
   popgpt attribute runs/quick --members 4 --lds-members 32      # a few minutes on a CPU
   popgpt attribute runs/full --proj-dim 2048 --device cuda
 """
+
+GROK_EPILOG = """examples:
+  popgpt grok --preset quick --out runs/grok-quick          # minutes on a 2-core CPU
+  popgpt grok --members 8 --device cuda --out runs/grok-full  # Nanda et al.'s size, on a GPU
+"""
+
+# flag -> (GrokConfig field, type, help)
+GROK_FLAGS = {
+    "p": ("p", positive_int, "the modulus"), "members": ("members", positive_int, "members, own seed and split each"),
+    "d-model": ("d_model", positive_int, "residual width"), "n-head": ("n_head", positive_int, "attention heads"),
+    "init-std": ("init_std", finite_float, "std of the initial weights"),
+    "train-frac": ("train_frac", finite_float, "share of the p^2 pairs each member trains on"),
+    "steps": ("steps", positive_int, "full-batch AdamW steps"), "lr": ("lr", finite_float, "learning rate"),
+    "weight-decay": ("weight_decay", finite_float, "decoupled weight decay"),
+    "beta2": ("beta2", finite_float, "Adam beta2"),
+    "eval-every": ("eval_every", positive_int, "steps between evaluations"),
+    "threshold": ("threshold", finite_float, "accuracy that counts as learned"),
+    "key-share": ("key_share", finite_float, "share of the embedding's Fourier energy that makes a key frequency"),
+    "seed": ("seed", count_int, "seed of the members' inits and splits"),
+}
 
 SWEEP_EPILOG = """examples:
   popgpt sweep --preset sweep-quick --grid lr=1e-3,1e-2 --grid finetune_infection=0,0.05,0.15 \\
@@ -236,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ad = AttributionConfig()
     at = sub.add_parser("attribute", help="which training names taught the backdoor? attribution scored against "
-                        "the planted truth", epilog=ATTRIBUTE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                        "the planted truth", epilog=ATTRIBUTE_EPILOG,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     at.add_argument("run_dir", help="a run folder written by popgpt evolve (its generation 0 is replayed)")
     at.add_argument("--members", type=positive_int, default=ad.members,
                     help=f"generation-0 members replayed and attributed (default: {ad.members})")
@@ -264,6 +287,21 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--seed", type=int, default=ad.seed, help=f"the tool's seed (default: {ad.seed})")
     at.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     at.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+
+    gd = GrokConfig()
+    gk = sub.add_parser("grok", help="a population learning a + b mod p: grokking times, key frequencies",
+                        epilog=GROK_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    gk.add_argument("--preset", choices=sorted(GROK_PRESETS), default="full",
+                    help="full: Nanda et al.'s setup (p 113, d 128, 30%% of pairs); quick: a CPU-sized one "
+                    "(default: full); explicit flags override it")
+    for flag, (field, typ, text) in GROK_FLAGS.items():
+        quick = GROK_PRESETS["quick"].get(field)
+        gk.add_argument(f"--{flag}", type=typ, help=f"{text} (full: {getattr(gd, field)}"
+                        + (f"; quick: {quick})" if quick is not None else ")"))
+    gk.add_argument("--norm", action="store_true", help="RMSNorm before attention, MLP and head (default: none)")
+    gk.add_argument("--out", help="output folder (default: runs/grok__PRESET__SEED__TIME)")
+    gk.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
+    gk.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
 
     sm = sub.add_parser("sample", help="print names sampled from one saved member")
     sm.add_argument("run_dir", help="a run folder written by popgpt evolve")
@@ -487,12 +525,31 @@ def cmd_attribute(args) -> int:
     return 0
 
 
+def cmd_grok(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    values = dict(GROK_PRESETS[args.preset])
+    values.update({field: getattr(args, flag.replace("-", "_")) for flag, (field, _, _) in GROK_FLAGS.items()
+                   if getattr(args, flag.replace("-", "_")) is not None})
+    if args.norm:
+        values["norm"] = True
+    try:
+        cfg = GrokConfig(**values)
+    except ValueError as e:
+        raise ValueError(f"invalid configuration: {e}") from None
+    out = args.out or os.path.join("runs", f"grok__{args.preset}__{cfg.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+    print("config:", vars(cfg), flush=True)
+    run_grok(cfg, out, device=resolve_device(args.device), log=lambda s: print(s, flush=True))
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"evolve": cmd_evolve, "sweep": cmd_evolve, "sample": cmd_sample, "report": cmd_report,
                 "vaccinate": cmd_vaccinate, "revive": cmd_revive,
-                "heads": cmd_heads, "attribute": cmd_attribute}[args.command](args)
+                "heads": cmd_heads, "attribute": cmd_attribute,
+                "grok": cmd_grok}[args.command](args)
     except (DataError, RunError, ValueError, MemoryError) as e:
         print(f"popgpt: error: {e}", file=sys.stderr)
         return 2

@@ -33,7 +33,7 @@ LEVELS = [
     {"generation"},  # EvolutionState and generation(state, ctx)
     {"experiment"},  # evolve(): set-up, the loop, the writer
     {"analysis"},  # lineage, special members, re-tests
-    {"heads", "vaccine", "revival", "attribution"},  # experiments on a finished run
+    {"heads", "vaccine", "revival", "attribution", "grok"},  # experiments on a finished run
     {"compare"},  # conditions side by side, against the source's table
     {"report"},
     {"cli"},
