@@ -23,6 +23,7 @@ directions, restricted loss (logits kept on those directions only) and
 excluded loss (those directions removed), weight norm over training.
 """
 
+import io
 import math
 import os
 import time
@@ -237,7 +238,7 @@ def ablation_losses(params: dict, cfg: GrokConfig, keys: list[list[int]], mask: 
 
 PRESETS = {
     "full": {},  # Nanda et al.'s setup
-    "quick": {"p": 31, "d_model": 32, "members": 8, "train_frac": 0.5, "steps": 3000, "lr": 3e-3,
+    "quick": {"p": 31, "d_model": 32, "members": 8, "train_frac": 0.5, "steps": 2000, "lr": 1e-2,
               "init_std": 0.14, "eval_every": 50},
 }
 
@@ -260,7 +261,7 @@ def grokking(cfg: GrokConfig, device="cpu", log=None) -> dict:
              "weight_norm_start": float(h["weight_norm"][0, i]), "weight_norm_end": float(h["weight_norm"][-1, i])}
             for i in range(cfg.members)]
     return {"rows": rows, "steps": steps, "history": h, "spectrum": spectrum, "seconds": seconds,
-            "summary": summarize(rows, cfg)}
+            "params": run["params"], "summary": summarize(rows, cfg)}
 
 
 def summarize(rows: list[dict], cfg: GrokConfig) -> dict:
@@ -313,6 +314,9 @@ def write_grok(out_dir: str, res: dict, cfg: GrokConfig, env: dict, log=print) -
         "config": vars(cfg), "environment": env, "seconds": res["seconds"], "summary": res["summary"],
         "rows": res["rows"], "steps": res["steps"], "history": {k: v.tolist() for k, v in res["history"].items()},
         "embedding_spectrum": res["spectrum"].tolist()})
+    buf = io.BytesIO()
+    torch.save({k: v.cpu() for k, v in res["params"].items()}, buf)
+    write_atomic(os.path.join(out_dir, "params.pt"), buf.getvalue())
     plots = _grok_plots(out_dir, res, cfg)
     md = grok_markdown(res, cfg, plots)
     write_atomic(os.path.join(out_dir, "grok.md"), md)
@@ -344,7 +348,7 @@ def _grok_plots(out_dir: str, res: dict, cfg: GrokConfig) -> list[str]:
     fig.savefig(os.path.join(out_dir, "grok.png"), dpi=80)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 0.5 + 0.25 * cfg.members))
-    im = ax.imshow(res["spectrum"], aspect="auto", cmap="viridis", interpolation="nearest",
+    im = ax.imshow(res["spectrum"].numpy(), aspect="auto", cmap="viridis", interpolation="nearest",
                    extent=(0.5, res["spectrum"].shape[1] + 0.5, cfg.members - 0.5, -0.5))
     ax.set(xlabel="frequency k (embedding Fourier energy share)", ylabel="member")
     fig.colorbar(im, ax=ax)
