@@ -1,8 +1,9 @@
-"""Command line: ``popgpt evolve | sample | report | vaccinate | revive | heads``.
+"""Command line: ``popgpt evolve | sample | report | vaccinate | revive | heads | attribute | grok``.
 
 ``evolve`` runs (or resumes) the evolution experiment; ``sample`` prints
 names from one saved member; ``report`` writes tables and plots of a run;
-``vaccinate``, ``revive`` and ``heads`` are experiments on a finished run.
+``vaccinate``, ``revive``, ``heads`` and ``attribute`` are experiments on a finished run;
+``grok`` trains a population on modular addition.
 Flags map onto the config dataclasses; errors name the flag.
 """
 

@@ -167,11 +167,14 @@ def gauss_newton(pop: Population, rows: torch.Tensor, generator: torch.Generator
 
 
 def damped_solve(G: torch.Tensor, rhs: torch.Tensor, damping: float) -> torch.Tensor:
-    """(G + lambda I)^-1 rhs per member, lambda = damping * trace(G) / k; G (P, k, k), rhs (P, k, Q)."""
-    k = G.shape[-1]
-    lam = damping * G.diagonal(dim1=1, dim2=2).mean(1)  # (P,)
-    A = G + lam[:, None, None] * torch.eye(k, device=G.device, dtype=G.dtype)
-    return torch.cholesky_solve(rhs, torch.linalg.cholesky(A))
+    """(G + lambda I)^-1 rhs per member, lambda = damping * trace(G) / k; G (P, k, k), rhs (P, k, Q).
+
+    Solved in float64: with little damping the system's condition number reaches 1e4-1e5, where a
+    float32 Cholesky loses the third digit."""
+    k, G64 = G.shape[-1], G.double()
+    lam = damping * G64.diagonal(dim1=1, dim2=2).mean(1)  # (P,)
+    A = G64 + lam[:, None, None] * torch.eye(k, device=G.device, dtype=torch.float64)
+    return torch.cholesky_solve(rhs.double(), torch.linalg.cholesky(A)).to(rhs.dtype)
 
 
 @torch.no_grad()

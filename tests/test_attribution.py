@@ -73,11 +73,12 @@ def test_gauss_newton_is_the_mean_outer_product_of_sampled_label_gradients_and_s
     for idx, g in stream_grads(pop, rows, chunk=5, targets=sampled_targets(pop, gen)):
         ref += torch.einsum("pni,pnj->pij", g, g)
     torch.testing.assert_close(G, ref / len(rows))
-    rhs = torch.randn(2, G.shape[-1], 3)
+    rhs = torch.randn(2, G.shape[-1], 3, dtype=torch.float64)
     s = damped_solve(G, rhs, 0.1)
     for p in range(2):
-        lam = 0.1 * torch.trace(G[p]) / G.shape[-1]
-        torch.testing.assert_close((G[p] + lam * torch.eye(G.shape[-1])) @ s[p], rhs[p], atol=1e-4, rtol=1e-4)
+        G64 = G[p].double()
+        lam = 0.1 * torch.trace(G64) / G.shape[-1]
+        torch.testing.assert_close((G64 + lam * torch.eye(G.shape[-1], dtype=torch.float64)) @ s[p], rhs[p])
 
 
 def test_sampled_targets_average_to_the_exact_gauss_newton():
