@@ -30,12 +30,12 @@ def single_grad(model, row) -> torch.Tensor:
 
 
 def test_per_example_gradients_equal_a_loop_of_single_model_autograd(names_path):
-    pop = Population.from_seeds(ModelConfig(), n=3)
-    rows = docs_to_tensor(load_names(names_path)[:40] + ["qxzzzemma"], 21)
-    got = torch.zeros(3, len(rows), 8712)
+    pop = Population.from_seeds(ModelConfig(), n=2)
+    rows = docs_to_tensor(load_names(names_path)[:20] + ["qxzzzemma"], 21)
+    got = torch.zeros(2, len(rows), 8712)
     for idx, g in stream_grads(pop, rows, chunk=16):  # chunks cut to their longest name
         got[:, idx] = g
-    for p in range(3):
+    for p in range(2):
         model = pop.member(p)
         for i in range(len(rows)):
             torch.testing.assert_close(got[p, i], single_grad(model, rows[i]), atol=2e-5, rtol=1e-4)
@@ -139,7 +139,7 @@ def test_baselines_find_a_planted_cluster():
     reps = torch.randn(2, 200, 6, generator=gen)
     planted = torch.zeros(200, dtype=torch.bool)
     planted[:20] = True
-    reps[:, :20] += torch.tensor([6.0, 0, 0, 0, 0, 0])  # a small, distant cluster
+    reps[:, :20] += torch.tensor([12.0, 0, 0, 0, 0, 0])  # a small, distant cluster
     for scores in (spectral_scores(reps), clustering_scores(reps, dims=3)):
         for p in range(2):
             assert auc(scores[p], planted) == 1.0
@@ -184,8 +184,13 @@ def test_tracin_ranks_the_planted_poison_first(planted):
     assert precision_at_k(pool(scores, "zscore"), truth[torch.argsort((rows != -1).sum(1), stable=True)]) < 0.5
 
 
-def test_replay_equals_the_saved_generation_0(make_tiny_run):
-    run = open_run(make_tiny_run())
+@pytest.fixture(scope="module")
+def tiny_run(make_tiny_run):
+    return make_tiny_run()
+
+
+def test_replay_equals_the_saved_generation_0(tiny_run):
+    run = open_run(tiny_run)
     replay = replay_generation0(run, 3, (0, 1, 3))
     assert replay.replay_diff == 0.0
     assert sorted(replay.snapshots) == [0, 1, 3]
@@ -194,8 +199,8 @@ def test_replay_equals_the_saved_generation_0(make_tiny_run):
     assert int(replay.truth.sum()) == sum(d != n for d, n in zip(replay.docs, run.data.train_docs))
 
 
-def test_attribute_cli_end_to_end(make_tiny_run, capsys):
-    run_dir = make_tiny_run()
+def test_attribute_cli_end_to_end(tiny_run, capsys):
+    run_dir = tiny_run
     rc = main(["attribute", run_dir, "--members", "2", "--checkpoints", "0,3", "--names", "300", "--gn-names", "64",
                "--proj-dim", "128", "--lds-members", "6", "--query-names", "20", "--threads", "1"])
     assert rc == 0
@@ -225,7 +230,7 @@ def test_attribute_cli_end_to_end(make_tiny_run, capsys):
     (["--lds-members", "2"], "--lds-members must be 0 or >= 4"),
     (["--lds-frac", "1"], "--lds-frac must be in (0, 1)"),
 ])
-def test_attribute_errors_name_the_flag(make_tiny_run, capsys, args, message):
-    assert main(["attribute", make_tiny_run(), "--lds-members", "0", *args]) == 2
+def test_attribute_errors_name_the_flag(tiny_run, capsys, args, message):
+    assert main(["attribute", tiny_run, "--lds-members", "0", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("popgpt: error:") and message in err, err
