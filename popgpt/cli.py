@@ -1,9 +1,11 @@
-"""Command line: ``popgpt evolve | sample | report | vaccinate | revive | heads | attention | induction``.
+"""Command line: ``popgpt evolve | sweep | sample | report | vaccinate | revive | heads | attention |
+induction | attribute | grok``.
 
 ``evolve`` runs (or resumes) the evolution experiment; ``sample`` prints
 names from one saved member; ``report`` writes tables and plots of a run;
-``vaccinate``, ``revive``, ``heads`` and ``attention`` are experiments on a
-finished run; ``induction`` trains its own populations (induction heads).
+``vaccinate``, ``revive``, ``heads``, ``attention`` and ``attribute`` are
+experiments on a finished run; ``induction`` trains its own populations
+(induction heads); ``grok`` trains a population on modular addition.
 Flags map onto the config dataclasses; errors name the flag.
 """
 
@@ -19,11 +21,14 @@ import time
 import torch
 
 from .analysis import sample_member
+from .attribution import POOLS, AttributionConfig, attribute
 from .config import CONDITION_FIELDS, RunConfig
 from . import distributed
 from .data import DataError
 from .experiment import evolve
 from .attention import GROUP_PICKS, show_attention
+from .grok import PRESETS as GROK_PRESETS
+from .grok import GrokConfig, run_grok
 from .heads import analyze_heads
 from .induction_report import run_induction
 from .report import write_report
@@ -123,6 +128,31 @@ PRESETS = {
 
 FINETUNE_DATA = ("infected", "clean", "none", "mixed")
 DIST_TIMEOUT = 600.0
+
+ATTRIBUTE_EPILOG = """examples:
+  popgpt attribute runs/quick --members 4 --lds-members 32      # a few minutes on a CPU
+  popgpt attribute runs/full --proj-dim 2048 --device cuda
+"""
+
+GROK_EPILOG = """examples:
+  popgpt grok --preset quick --out runs/grok-quick          # minutes on a 2-core CPU
+  popgpt grok --members 8 --device cuda --out runs/grok-full  # Nanda et al.'s size, on a GPU
+"""
+
+# flag -> (GrokConfig field, type, help)
+GROK_FLAGS = {
+    "p": ("p", positive_int, "the modulus"), "members": ("members", positive_int, "members, own seed and split each"),
+    "d-model": ("d_model", positive_int, "residual width"), "n-head": ("n_head", positive_int, "attention heads"),
+    "init-std": ("init_std", finite_float, "std of the initial weights"),
+    "train-frac": ("train_frac", finite_float, "share of the p^2 pairs each member trains on"),
+    "steps": ("steps", positive_int, "full-batch AdamW steps"), "lr": ("lr", finite_float, "learning rate"),
+    "weight-decay": ("weight_decay", finite_float, "decoupled weight decay"),
+    "beta2": ("beta2", finite_float, "Adam beta2"),
+    "eval-every": ("eval_every", positive_int, "steps between evaluations"),
+    "threshold": ("threshold", finite_float, "accuracy that counts as learned"),
+    "key-share": ("key_share", finite_float, "share of the embedding's Fourier energy that makes a key frequency"),
+    "seed": ("seed", count_int, "seed of the members' inits and splits"),
+}
 
 SWEEP_EPILOG = """examples:
   popgpt sweep --preset sweep-quick --grid lr=1e-3,1e-2 --grid finetune_infection=0,0.05,0.15 \\
@@ -301,6 +331,52 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--generation", type=count_int, help="saved generation (default: the newest)")
     at.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     _induction_flags(sub)
+    ad = AttributionConfig()
+    at = sub.add_parser("attribute", help="which training names taught the backdoor? attribution scored against "
+                        "the planted truth", epilog=ATTRIBUTE_EPILOG,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    at.add_argument("run_dir", help="a run folder written by popgpt evolve (its generation 0 is replayed)")
+    at.add_argument("--members", type=positive_int, default=ad.members,
+                    help=f"generation-0 members replayed and attributed (default: {ad.members})")
+    at.add_argument("--checkpoints", default=",".join(map(str, ad.checkpoints)),
+                    help=f"training steps whose gradients TracIn sums (default: {','.join(map(str, ad.checkpoints))})")
+    at.add_argument("--names", type=count_int, default=ad.names,
+                    help="candidate training names scored, a random subset (default: 0, all)")
+    at.add_argument("--chunk", type=positive_int, default=ad.chunk,
+                    help=f"names per per-example-gradient chunk (default: {ad.chunk})")
+    at.add_argument("--proj-dim", type=count_int, default=ad.proj_dim,
+                    help="random projection of the gradients to this many dimensions (default: 0, exact)")
+    at.add_argument("--damping", type=finite_float, default=ad.damping,
+                    help=f"Gauss-Newton damping, a fraction of its mean eigenvalue (default: {ad.damping})")
+    at.add_argument("--gn-names", type=positive_int, default=ad.gn_names,
+                    help=f"training names of the Gauss-Newton estimate (default: {ad.gn_names})")
+    at.add_argument("--lds-members", type=count_int, default=ad.lds_members,
+                    help=f"members trained on random subsets for the LDS, 0: none (default: {ad.lds_members})")
+    at.add_argument("--lds-frac", type=finite_float, default=ad.lds_frac,
+                    help=f"fraction of the names in each LDS subset (default: {ad.lds_frac})")
+    at.add_argument("--query-names", type=positive_int, default=ad.query_names,
+                    help=f"held-out names of the clean control query (default: {ad.query_names})")
+    at.add_argument("--pool", choices=POOLS, default=ad.pool,
+                    help="pool member scores standardised per member (zscore, default) or raw")
+    at.add_argument("--top", type=positive_int, default=ad.top, help=f"names listed per method (default: {ad.top})")
+    at.add_argument("--seed", type=int, default=ad.seed, help=f"the tool's seed (default: {ad.seed})")
+    at.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
+    at.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+
+    gd = GrokConfig()
+    gk = sub.add_parser("grok", help="a population learning a + b mod p: grokking times, key frequencies",
+                        epilog=GROK_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    gk.add_argument("--preset", choices=sorted(GROK_PRESETS), default="full",
+                    help="full: Nanda et al.'s setup (p 113, d 128, 30%% of pairs); quick: a CPU-sized one "
+                    "(default: full); explicit flags override it")
+    for flag, (field, typ, text) in GROK_FLAGS.items():
+        quick = GROK_PRESETS["quick"].get(field)
+        gk.add_argument(f"--{flag}", type=typ, help=f"{text} (full: {getattr(gd, field)}"
+                        + (f"; quick: {quick})" if quick is not None else ")"))
+    gk.add_argument("--norm", action="store_true", help="RMSNorm before attention, MLP and head (default: none)")
+    gk.add_argument("--out", help="output folder (default: runs/grok__PRESET__SEED__TIME)")
+    gk.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
+    gk.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
 
     sm = sub.add_parser("sample", help="print names sampled from one saved member")
     sm.add_argument("run_dir", help="a run folder written by popgpt evolve")
@@ -567,12 +643,49 @@ def cmd_induction(args) -> int:
     return 0
 
 
+def _steps(text: str) -> tuple:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"argument --checkpoints: expected steps like 0,20,40, got {text!r}") from None
+
+
+def cmd_attribute(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = AttributionConfig(members=args.members, checkpoints=_steps(args.checkpoints), names=args.names,
+                            chunk=args.chunk, proj_dim=args.proj_dim, damping=args.damping, gn_names=args.gn_names,
+                            lds_members=args.lds_members, lds_frac=args.lds_frac, query_names=args.query_names,
+                            pool=args.pool, top=args.top, seed=args.seed)
+    attribute(args.run_dir, cfg, device=resolve_device(args.device))
+    return 0
+
+
+def cmd_grok(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    values = dict(GROK_PRESETS[args.preset])
+    values.update({field: getattr(args, flag.replace("-", "_")) for flag, (field, _, _) in GROK_FLAGS.items()
+                   if getattr(args, flag.replace("-", "_")) is not None})
+    if args.norm:
+        values["norm"] = True
+    try:
+        cfg = GrokConfig(**values)
+    except ValueError as e:
+        raise ValueError(f"invalid configuration: {e}") from None
+    out = args.out or os.path.join("runs", f"grok__{args.preset}__{cfg.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+    print("config:", vars(cfg), flush=True)
+    run_grok(cfg, out, device=resolve_device(args.device), log=lambda s: print(s, flush=True))
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"evolve": cmd_evolve, "sweep": cmd_evolve, "sample": cmd_sample, "report": cmd_report,
                 "vaccinate": cmd_vaccinate, "revive": cmd_revive,
-                "heads": cmd_heads, "attention": cmd_attention, "induction": cmd_induction}[args.command](args)
+                "heads": cmd_heads, "attention": cmd_attention, "induction": cmd_induction,
+                "attribute": cmd_attribute, "grok": cmd_grok}[args.command](args)
     except distributed.FromRankZero:
         return 2  # rank 0 prints it
     except (DataError, RunError, ValueError, MemoryError) as e:

@@ -18,6 +18,7 @@
 
 import math
 
+import torch
 from scipy import stats as _scipy
 
 PROPORTIONS = ["immune_frac", "retest_agreement", "payload_prob_mean"]  # bounded in [0, 1]
@@ -113,3 +114,65 @@ def cell(summary: dict, col: str, digits: int = 3, scale: float = 1.0) -> str:
     text = f"{mean:.{digits}f}" + ("" if math.isnan(lo) else f" [{lo:.{digits}f}, {hi:.{digits}f}]")
     n = summary.get(f"{col}_n")
     return text + (f" (n={n})" if n is not None and n < summary["replicates"] else "")
+
+
+# Ranking scores against a known truth (data attribution) -------------------------------------------
+
+def average_ranks(x):
+    """Ranks 1..n of a 1-D tensor, ties given their average rank."""
+    order = torch.argsort(x, stable=True)
+    sorted_x = x[order]
+    ranks = torch.empty(len(x), dtype=torch.float64)
+    new = torch.ones(len(x), dtype=torch.bool)
+    new[1:] = sorted_x[1:] != sorted_x[:-1]
+    starts = new.nonzero().flatten().tolist() + [len(x)]
+    for start, stop in zip(starts[:-1], starts[1:]):
+        ranks[order[start:stop]] = (start + stop + 1) / 2  # mean of ranks start+1 .. stop
+    return ranks
+
+
+def auc(scores, truth) -> float:
+    """Area under the ROC curve of ``scores`` for the positives ``truth`` (bool): the probability that a
+    random positive scores above a random negative, ties counting one half (Mann-Whitney U / n+ n-)."""
+    n_pos, n_neg = int(truth.sum()), int((~truth).sum())
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    ranks = average_ranks(scores.double())
+    return float((ranks[truth].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def auc_interval(a: float, n_pos: int, n_neg: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% interval of an AUC by Hanley and McNeil's (1982) standard error, clipped to [0, 1]."""
+    if math.isnan(a):
+        return math.nan, math.nan
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    var = (a * (1 - a) + (n_pos - 1) * (q1 - a * a) + (n_neg - 1) * (q2 - a * a)) / (n_pos * n_neg)
+    half = z * math.sqrt(max(var, 0.0))
+    return max(0.0, a - half), min(1.0, a + half)
+
+
+def precision_at_k(scores, truth, k: int | None = None) -> float:
+    """Share of positives among the ``k`` highest scores (default k: the number of positives).
+    Ties at the cut are broken by position (the earlier index first), the same way every time."""
+    k = int(truth.sum()) if k is None else k
+    if k == 0:
+        return math.nan
+    top = torch.argsort(-scores.double(), stable=True)[:k]
+    return float(truth[top].double().mean())
+
+
+def spearman(x, y) -> float:
+    """Spearman's rank correlation of two 1-D tensors (average ranks for ties); NaN if either is constant."""
+    rx, ry = average_ranks(x.double()), average_ranks(y.double())
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denom = float(rx.norm() * ry.norm())
+    return float((rx * ry).sum()) / denom if denom > 0 else math.nan
+
+
+def spearman_interval(r: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% interval of a Spearman correlation on n pairs: Fisher's z with Fieller et al.'s standard
+    error 1.06 / sqrt(n - 3)."""
+    if math.isnan(r) or n < 4:
+        return math.nan, math.nan
+    centre, half = math.atanh(max(-0.999999, min(0.999999, r))), z * 1.06 / math.sqrt(n - 3)
+    return math.tanh(centre - half), math.tanh(centre + half)

@@ -28,6 +28,7 @@ LEVELS = [
     {"train"},  # the one training step
     {"engine"},  # eager / compile / graph execution of it
     {"evaluate"},  # quality, sampling, the immunity test
+    {"influence"},  # per-example gradients, TracIn, Gauss-Newton influence, attribution baselines
     {"summary"},  # a generation's table rows, special-member rules
     {"evolution"},  # select / crossover / mutate
     {"layout"},  # conditions x replicates x members: who reads what, with which settings
@@ -35,7 +36,7 @@ LEVELS = [
     {"generation"},  # EvolutionState and generation(state, ctx)
     {"experiment"},  # evolve(): set-up, the loop, the writer
     {"analysis"},  # lineage, special members, re-tests
-    {"heads", "vaccine", "revival", "attention", "induction"},  # experiments on a finished run; induction heads
+    {"heads", "vaccine", "revival", "attention", "induction", "attribution", "grok"},  # experiments on a finished run
     {"induction_report"},  # popgpt induction's folder: tables, plots
     {"compare"},  # conditions side by side, against the source's table
     {"report"},
