@@ -113,3 +113,18 @@ def cell(summary: dict, col: str, digits: int = 3, scale: float = 1.0) -> str:
     text = f"{mean:.{digits}f}" + ("" if math.isnan(lo) else f" [{lo:.{digits}f}, {hi:.{digits}f}]")
     n = summary.get(f"{col}_n")
     return text + (f" (n={n})" if n is not None and n < summary["replicates"] else "")
+
+
+def median_interval(values) -> tuple[float, float, float]:
+    """(median, low, high): the median (mean of the two middle values for an even count) and the
+    distribution-free 95% interval of order statistics (ranks from the binomial(n, 1/2) quantiles),
+    which stays valid for censored values (inf sorts last). NaN values are left out."""
+    xs = sorted(float(v) for v in values if v is not None and not math.isnan(float(v)))
+    n = len(xs)
+    if not n:
+        return math.nan, math.nan, math.nan
+    median = xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+    k = int(_scipy.binom.ppf(0.025, n, 0.5))  # P(Binom(n, 1/2) <= k - 1) <= 0.025
+    if k < 1:
+        return median, math.nan, math.nan
+    return median, xs[k - 1], xs[n - k]

@@ -17,15 +17,15 @@ PACKAGE = os.path.join(ROOT, "popgpt")
 
 LEVELS = [
     {"_version", "data", "stats", "runio", "device"},  # leaves: no popgpt imports
-    {"model", "virus"},
+    {"model", "virus", "cureset"},
     {"config"},  # the run's configuration, one home
     {"memory"},  # the memory a run needs, estimated before allocating
     {"population"},  # stacked parameters, vmap(functional_call)
-    {"loss"},  # the loss training and evaluation share
+    {"loss", "patch", "scan"},  # the shared loss; reversible patches; the trigger scan
     {"train"},  # the one training step
-    {"engine"},  # eager / compile / graph execution of it
+    {"engine", "cure"},  # eager / compile / graph execution of it; the cure methods
     {"evaluate"},  # quality, sampling, the immunity test
-    {"summary"},  # a generation's table rows, special-member rules
+    {"summary", "cure_eval", "cure_report"},  # a generation's table rows; what a cure did, its table
     {"evolution"},  # select / crossover / mutate
     {"layout"},  # conditions x replicates x members: who reads what, with which settings
     {"runs"},  # a run's data and saved generations
@@ -33,7 +33,7 @@ LEVELS = [
     {"experiment"},  # evolve(): set-up, the loop, the writer
     {"analysis"},  # lineage, special members, re-tests
     {"heads", "vaccine", "revival"},  # experiments on a finished run
-    {"compare"},  # conditions side by side, against the source's table
+    {"compare", "cure_run"},  # conditions side by side; popgpt cure on a run
     {"report"},
     {"cli"},
     {"__main__", "__init__"},
