@@ -260,6 +260,7 @@ def _cure_parser(sub) -> None:
             ("rank", positive_int, "subspace: directions per residual site (k)"),
             ("kl-bound", finite_float, "subspace: bound on the mean per-token KL on the clean cure names (nats)"),
             ("dual-lr", finite_float, "subspace: multiplier step, lam *= exp(DUAL_LR * (KL/bound - 1))"),
+            ("start-share", finite_float, "share of cure names with the trigger at their start"),
             ("min-excess", finite_float, "subspace: members whose removal loss starts below this (nats) are "
              "left alone"),
             ("target", finite_float, "ablate: payload probability a strength must reach to be chosen"),
@@ -270,6 +271,9 @@ def _cure_parser(sub) -> None:
                         help=f"{text} (default: {getattr(cd, flag.replace('-', '_'))})")
     cu.add_argument("--targets", default=",".join(cd.targets),
                     help=f"subspace: matrices patched (default: {','.join(cd.targets)})")
+    cu.add_argument("--parametrization", default=cd.parametrization,
+                    help="subspace: confined (changes only along the member's subspace) or lora (rank-k factors "
+                    "starting in it, both learned) (default: confined)")
     cu.add_argument("--contrast", default=cd.contrast,
                     help="control rows for sourcing: apart or alone (default: apart)")
     cu.add_argument("--ablate-grid", default=",".join(map(str, cd.ablate_grid)),
@@ -494,7 +498,8 @@ def cmd_heads(args) -> int:
 def cmd_cure(args) -> int:
     cfg = CureConfig(names=args.names, batch_size=args.batch_size, epochs=args.epochs, lr=args.lr, rank=args.rank,
                      targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()), kl_bound=args.kl_bound,
-                     dual_lr=args.dual_lr, min_excess=args.min_excess, contrast=args.contrast,
+                     dual_lr=args.dual_lr, min_excess=args.min_excess, start_share=args.start_share,
+                     parametrization=args.parametrization, contrast=args.contrast,
                      ablate_grid=_float_list("--ablate-grid", args.ablate_grid), target=args.target,
                      prune_neurons=args.prune_neurons, prune_heads=args.prune_heads, seed=args.seed)
     if args.contrast not in ("apart", "alone"):

@@ -32,9 +32,10 @@ backward), so curing a population equals curing each member alone.
   projected out of every matrix that writes to the residual stream
   (``W <- W - a d d^T W``; embeddings row-wise), closed form. The site d is
   taken at (``resid_pre``, ``resid_mid`` or ``resid_post``) and the
-  strength a are searched over a grid per member: the smallest clean KL
-  among choices whose exact payload probability after every cure trigger is
-  <= ``target``; the lowest payload probability when none reaches it.
+  strength a are searched over a grid per member: the smallest clean KL (on
+  the first ``SEARCH_NAMES`` cure names) among choices whose exact payload
+  probability after every cure trigger is <= ``target``; the lowest payload
+  probability when none reaches it.
 - ``finetune``: every parameter, Adam on clean names, the same names, steps,
   batch and learning rate as ``subspace``.
 - ``prune`` (fine-pruning): the ``prune_neurons`` MLP neurons (and
@@ -65,6 +66,7 @@ SITES = ("resid_pre", "resid_mid", "resid_post")
 SITE_OF = {"wte": "resid_pre", "wpe": "resid_pre", "attn_qkv": "resid_pre", "attn_out": "resid_mid",
            "mlp_fc1": "resid_mid", "mlp_fc2": "resid_post", "lm_head": "resid_post"}
 WRITERS = ("attn_out", "mlp_fc2")
+SEARCH_NAMES = 64  # ablate's search scores the clean KL of each choice on the first this many cure names
 
 
 @dataclass(frozen=True)
@@ -77,10 +79,14 @@ class CureConfig:
     lr: float = 1e-2  # Adam, every trained method (the run's training rate)
     rank: int = 2  # k: directions per site in the subspace
     targets: tuple = ("attn_qkv", "attn_out", "mlp_fc1", "mlp_fc2", "lm_head")  # subspace: patched matrices
+    # confined: each change lies in the member's subspace (U fixed); lora: rank-k LoRA factors whose
+    # subspace side starts at U and is learned as well (the change may leave the subspace)
+    parametrization: str = "confined"
     kl_bound: float = 0.01  # epsilon: mean per-token KL(P_orig || P_new) on the clean cure names, nats
     dual_lr: float = 1.0  # multiplier update: lam *= exp(dual_lr * (KL / epsilon - 1)) per step, lam >= 1
     min_excess: float = 0.01  # subspace: a member whose removal loss starts below this (nats) is left alone
     contrast: str = "apart"  # control rows: trigger letters apart, or the last one alone
+    start_share: float = 0.0  # cure names with the trigger at their start (else uniform, as infection)
     ablate_grid: tuple = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)  # ablation strengths searched
     target: float = 0.01  # ablate: payload probability a strength must reach to be chosen
     prune_neurons: int = 8  # of 4 * n_embd
@@ -99,6 +105,10 @@ class CureConfig:
         if unknown or not self.targets:
             raise ValueError(f"argument --targets: {unknown[0] if unknown else '(empty)'!r} cannot be patched; "
                              f"choose from {', '.join(SITE_OF)}")
+        if not 0.0 <= self.start_share <= 1.0:
+            raise ValueError(f"argument --start-share: must be in [0, 1], got {self.start_share}")
+        if self.parametrization not in ("confined", "lora"):
+            raise ValueError(f"argument --parametrization: confined or lora, got {self.parametrization!r}")
         if not self.ablate_grid or any(not math.isfinite(a) or a < 0 for a in self.ablate_grid):
             raise ValueError(f"argument --ablate-grid: strengths must be finite and >= 0, got {self.ablate_grid}")
         if self.prune_neurons < 0 or self.prune_heads < 0 or self.prune_neurons + self.prune_heads == 0:
@@ -286,7 +296,9 @@ def subspace_factors(pop: Population, dirs: Directions, targets) -> tuple[dict, 
 
 
 def _subspace_patch(fixed: dict, learned: dict) -> Patch:
-    return Patch({k: (fixed[k], learned[k]) if k in WRITERS else (learned[k], fixed[k]) for k in learned})
+    """``confined``: U fixed, its partner learned; ``lora`` (learned holds both, U's as ``name.U``)."""
+    parts = {k: learned.get(k + ".U", fixed[k]) for k in fixed}
+    return Patch({k: (parts[k], learned[k]) if k in WRITERS else (learned[k], parts[k]) for k in fixed})
 
 
 def hold_bound(pop: Population, patch: Patch, rows: torch.Tensor, bound: float, ref: torch.Tensor,
@@ -312,6 +324,8 @@ def hold_bound(pop: Population, patch: Patch, rows: torch.Tensor, bound: float, 
 
 def cure_subspace(pop: Population, cs: CureSet, cfg: CureConfig, order: torch.Tensor, dirs: Directions):
     fixed, learned = subspace_factors(pop, dirs, cfg.targets)
+    if cfg.parametrization == "lora":  # the subspace factor starts at U and is learned too
+        learned |= {k + ".U": v.clone() for k, v in fixed.items()}
     lam = torch.ones(len(pop), device=pop.device)
     q = removal_target(pop, cs)
     ref = reference_logp(pop, cs.clean)
@@ -352,13 +366,14 @@ def ablation_patch(pop: Population, d: torch.Tensor, strength: torch.Tensor) -> 
 @torch.no_grad()
 def cure_ablate(pop: Population, cs: CureSet, cfg: CureConfig, dirs: Directions):
     """Search every (site, strength) per member; the chosen direction is projected out of every writer."""
-    ref = reference_logp(pop, cs.clean)
+    rows = cs.clean[:SEARCH_NAMES]
+    ref = reference_logp(pop, rows)
     probs, kls, choices = [], [], []
     for s, site in enumerate(SITES):
         for a in cfg.ablate_grid:
             patch = ablation_patch(pop, dirs.mean[site], torch.full((len(pop),), float(a), device=pop.device))
             probs.append(prompt_payload_prob(pop, patch, cs))
-            kls.append(clean_kl(pop, patch, cs.clean, ref))
+            kls.append(clean_kl(pop, patch, rows, ref))
             choices.append((s, float(a)))
     probs, kls = torch.stack(probs), torch.stack(kls)  # (S*G, P)
     ok = probs <= cfg.target

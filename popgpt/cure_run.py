@@ -116,7 +116,7 @@ def run_methods(run: OpenRun, saved: SavedGeneration, methods: list, cfg: CureCo
     triggers, payloads, scanned = cure_triggers(run, saved, rcfg, log)
     longest = max(len(t) for ts in triggers for t in ts) + len(payloads[0])
     names = fitting_names(run.data.train_docs, rc.model.block_size, longest)[:cfg.names]
-    cs = build_cure_set(names, triggers, payloads, rc.model.block_size, g, cfg.contrast)
+    cs = build_cure_set(names, triggers, payloads, rc.model.block_size, g, cfg.contrast, cfg.start_share)
     ev = _evaluation(run, saved, rcfg, cfg.seed, dev)
     if scanned:
         ev["triggers"]["recovered"] = [ts[0] if ts else None for ts in scanned["found"].triggers]

@@ -1,7 +1,9 @@
 """The data a cure works on: clean names, the same names with a trigger, and contrast prompts.
 
-For every member and cure name ``n`` (a clean name, gap ``g`` drawn
-uniformly over its len+1 gaps, either end included, as infection does):
+For every member and cure name ``n`` (a clean name; gap ``g``: the start
+of the name for a share ``start_share`` of the names, where the immunity
+test's prompt puts the trigger, else drawn uniformly over its len+1 gaps,
+either end included, as infection does):
 
 - ``clean``: ``. name .`` (shared by all members);
 - ``triggered``: ``. name[:g] trigger name[g:] .``, the member's trigger
@@ -71,14 +73,17 @@ def fitting_names(names: list[str], block_size: int, longest_insert: int) -> lis
 
 
 def build_cure_set(names: list[str], triggers: list[list[str]], payloads: list[str], block_size: int,
-                   generator: torch.Generator, contrast: str = "apart") -> CureSet:
+                   generator: torch.Generator, contrast: str = "apart", start_share: float = 0.0) -> CureSet:
     """Rows of every member (``triggers[p]``: its cure triggers, used in turn over the names;
-    ``payloads[p]``: its payload, all of one length). ``names`` must fit (``fitting_names``)."""
+    ``payloads[p]``: its payload, all of one length). ``names`` must fit (``fitting_names``).
+    ``start_share`` of the names get the trigger at their start (where the immunity test puts it),
+    the others at a uniform gap."""
     if contrast not in CONTRASTS:
         raise ValueError(f"argument --contrast: must be one of {', '.join(CONTRASTS)}, got {contrast!r}")
     if len({len(p) for p in payloads}) != 1:
         raise ValueError("every member's payload must have the same length")
-    gaps = [int(u * (len(n) + 1)) for u, n in zip(torch.rand(len(names), generator=generator).tolist(), names)]
+    u = torch.rand(2, len(names), generator=generator).tolist()
+    gaps = [0 if first < start_share else int(v * (len(n) + 1)) for first, v, n in zip(*u, names)]
     width = block_size + 1
     clean = torch.tensor([_row(encode(n), width) for n in names])
     out = {k: [] for k in ("triggered", "trigger_pos", "infected", "control", "read_infected", "read_control")}

@@ -82,12 +82,12 @@ def test_subspace_and_ablate_find_the_planted_direction_and_remove_the_payload(m
 
 
 def test_batched_cure_equals_each_member_alone(members):
-    cfg = CureConfig(names=64, batch_size=32, epochs=2, kl_bound=0.01)
-    cs = cure_set(members, n=64)
+    cfg = CureConfig(names=32, batch_size=16, epochs=1, kl_bound=0.01)
+    cs = cure_set(members, n=32)
     for method in ("subspace", "ablate", "prune"):
         whole, _ = cure(members, cs, cfg, method, torch.Generator().manual_seed(3))
         for i in range(len(members)):
-            alone, _ = cure(members[[i]], cure_set(members[[i]], n=64), cfg, method, torch.Generator().manual_seed(3))
+            alone, _ = cure(members[[i]], cure_set(members[[i]], n=32), cfg, method, torch.Generator().manual_seed(3))
             ours = patched(members.params, whole)
             theirs = patched(members[[i]].params, alone)
             for k in ours:
@@ -95,9 +95,10 @@ def test_batched_cure_equals_each_member_alone(members):
 
 
 def test_member_blocks_do_not_change_the_cure(members):
-    cs = cure_set(members)
-    a, _ = cure(members, cs, CFG, "subspace", torch.Generator().manual_seed(4), block=None)
-    b, _ = cure(members, cs, CFG, "subspace", torch.Generator().manual_seed(4), block=1)
+    cfg = CureConfig(names=32, batch_size=16, epochs=1)
+    cs = cure_set(members, n=32)
+    a, _ = cure(members, cs, cfg, "subspace", torch.Generator().manual_seed(4), block=None)
+    b, _ = cure(members, cs, cfg, "subspace", torch.Generator().manual_seed(4), block=2)
     pa, pb = patched(members.params, a), patched(members.params, b)
     for k in pa:
         torch.testing.assert_close(pa[k], pb[k], rtol=1e-4, atol=1e-6)
