@@ -101,7 +101,7 @@ def _evaluation(run: OpenRun, saved: SavedGeneration, rcfg: CureRunConfig, seed:
     chosen = all_mutants if rcfg.mutants < 0 else all_mutants[:0] if rcfg.mutants == 0 else \
         [all_mutants[int(i)] for i in torch.randperm(len(all_mutants), generator=g)[:rcfg.mutants]]
     P = len(saved.population)
-    triggers = {"original": torch.tensor([encode(original)] * P), "current": saved.member_triggers()}
+    triggers = {"original": torch.tensor([encode(original)] * P), "current": saved.member_triggers()[:P]}
     return {"eval_rows": eval_rows, "infected": infected_rows(fresh, original, rc.virus.payload,
                                                                rc.model.block_size, g),
             "triggers": triggers, "payload": rc.virus.payload, "options": test_options(rc.virus),
@@ -124,13 +124,14 @@ def run_methods(run: OpenRun, saved: SavedGeneration, methods: list, cfg: CureCo
     rows = {"uncured": {"members": measure(pop, Patch(), **ev), "seconds": 0.0, "patch": Patch()}}
     base_sha = weights_sha256(pop.params)
     for method in methods:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         patch, info = cure(pop, cs, cfg, method, torch.Generator().manual_seed(
             tool_seed(rc.seed, "cure", cfg.seed, "batches")), active)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         patch.base_sha256 = base_sha
-        log(f"{method}: {len(pop)} members cured in {seconds:.1f} s")
-        rows[method] = {"members": measure(pop, patch, **ev), "seconds": seconds, "patch": patch, "info": info}
+        log(f"{method}: {len(pop)} members cured in {seconds:.1f} s ({cpu:.1f} s of CPU time)")
+        rows[method] = {"members": measure(pop, patch, **ev), "seconds": seconds, "cpu_seconds": cpu,
+                        "patch": patch, "info": info}
     return {"rows": rows, "scan": scanned, "triggers": triggers, "payloads": payloads, "n_cure_names": len(names)}
 
 
@@ -228,6 +229,7 @@ def _json(results: dict, cfg: CureConfig, rcfg: CureRunConfig) -> dict:
     return {"config": config_dict(cfg, rcfg), "generation": results["generation"],
             "n_cure_names": results["n_cure_names"], "table": results["table"], "goals": results["goals"],
             "seconds": {k: r["seconds"] for k, r in results["rows"].items()},
+            "cpu_seconds": {k: r.get("cpu_seconds", 0.0) for k, r in results["rows"].items()},
             "members": {k: {m: v.tolist() for m, v in r["members"].items()} for k, r in results["rows"].items()},
             "relapse": {k: [None if math.isinf(x) else x for x in v.tolist()]
                         for k, v in results["relapse"].get("steps_to_vulnerable", {}).items()},
