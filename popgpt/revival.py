@@ -104,6 +104,22 @@ def _tables(groups: dict, vulnerable: torch.Tensor, prob: torch.Tensor, checkpoi
     return summary, curve, when
 
 
+def reexpose(pop: Population, virus, rows: torch.Tensor, checkpoints: list[int], rc, engine: Engine,
+             gdev: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train ``pop`` in place on infected ``rows`` (the run's batch size and optimizer settings ``rc``),
+    running the run's immunity test against ``virus`` at every step of ``checkpoints``: vulnerable
+    (K, P) bool and exact payload probability (K, P), on the host."""
+    vulnerable, prob = [], []
+    for k, step in enumerate(checkpoints):
+        imm = immunity(pop, virus, gdev, **test_options(rc.virus))
+        vulnerable.append(imm.vulnerable.cpu())
+        prob.append(imm.payload_prob.cpu())
+        if k + 1 < len(checkpoints):
+            idx = sample_indices(len(rows), checkpoints[k + 1] - step, len(pop), rc.train.batch_size, gdev)
+            engine.run(pop, Batches.shared(rows, idx), rc.train)
+    return torch.stack(vulnerable), torch.stack(prob)
+
+
 def revival(run: OpenRun, cfg: RevivalConfig, device: str = "cpu") -> dict:
     """Re-expose the newest generation's immune members and controls; returns the tables (nothing written)."""
     rc, dev = run.config, torch.device(device)
@@ -115,16 +131,8 @@ def revival(run: OpenRun, cfg: RevivalConfig, device: str = "cpu") -> dict:
     infected, _ = last.virus.infect(run.data.train_docs, rc.virus.rate, g, rc.virus.position)
     rows, _ = run.data.encode(infected, dev)
     checkpoints = list(range(0, cfg.steps + 1, cfg.every))
-    vulnerable, prob = [], []
-    for k, step in enumerate(checkpoints):
-        imm = immunity(pop, last.virus, gdev, **test_options(rc.virus))
-        vulnerable.append(imm.vulnerable.cpu())
-        prob.append(imm.payload_prob.cpu())
-        if k + 1 < len(checkpoints):
-            n = checkpoints[k + 1] - step
-            idx = sample_indices(len(rows), n, len(pop), rc.train.batch_size, gdev)
-            engine.run(pop, Batches.shared(rows, idx), rc.train)
-    summary, curve, when = _tables(groups, torch.stack(vulnerable), torch.stack(prob), checkpoints, cfg.steps)
+    vulnerable, prob = reexpose(pop, last.virus, rows, checkpoints, rc, engine, gdev)
+    summary, curve, when = _tables(groups, vulnerable, prob, checkpoints, cfg.steps)
     return {"config": dataclasses.asdict(cfg), "generation": last.generation, "trigger": last.virus.trigger,
             "payload": last.virus.payload, "clean_steps": rc.train.steps,
             "groups": {k: v.tolist() for k, v in groups.items()}, "summary": summary, "curve": curve,

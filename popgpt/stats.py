@@ -176,3 +176,18 @@ def spearman_interval(r: float, n: int, z: float = 1.959964) -> tuple[float, flo
         return math.nan, math.nan
     centre, half = math.atanh(max(-0.999999, min(0.999999, r))), z * 1.06 / math.sqrt(n - 3)
     return math.tanh(centre - half), math.tanh(centre + half)
+
+
+def median_interval(values) -> tuple[float, float, float]:
+    """(median, low, high): the median (mean of the two middle values for an even count) and the
+    distribution-free 95% interval of order statistics (ranks from the binomial(n, 1/2) quantiles),
+    which stays valid for censored values (inf sorts last). NaN values are left out."""
+    xs = sorted(float(v) for v in values if v is not None and not math.isnan(float(v)))
+    n = len(xs)
+    if not n:
+        return math.nan, math.nan, math.nan
+    median = xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+    k = int(_scipy.binom.ppf(0.025, n, 0.5))  # P(Binom(n, 1/2) <= k - 1) <= 0.025
+    if k < 1:
+        return median, math.nan, math.nan
+    return median, xs[k - 1], xs[n - k]

@@ -17,19 +17,19 @@ PACKAGE = os.path.join(ROOT, "popgpt")
 
 LEVELS = [
     {"_version", "data", "stats", "runio", "device"},  # leaves: no popgpt imports
-    {"model", "virus"},
+    {"model", "virus", "cureset"},
     {"config"},  # the run's configuration, one home
     {"memory"},  # the memory a run needs, estimated before allocating
     {"population"},  # stacked parameters, vmap(functional_call)
     {"distributed"},  # the population sharded over ranks: who holds which members, what they exchange
     {"cache"},  # the batched activation cache and interventions (the microscope)
     {"patching"},  # ablation and patching sweeps on it
-    {"loss"},  # the loss training and evaluation share
+    {"loss", "patch", "scan"},  # the shared loss; reversible patches; the trigger scan
     {"train"},  # the one training step
-    {"engine"},  # eager / compile / graph execution of it
+    {"engine", "cure"},  # eager / compile / graph execution of it; the cure methods
     {"evaluate"},  # quality, sampling, the immunity test
     {"influence"},  # per-example gradients, TracIn, Gauss-Newton influence, attribution baselines
-    {"summary"},  # a generation's table rows, special-member rules
+    {"summary", "cure_eval", "cure_report"},  # a generation's table rows; what a cure did, its table
     {"evolution"},  # select / crossover / mutate
     {"layout"},  # conditions x replicates x members: who reads what, with which settings
     {"runs"},  # a run's data and saved generations
@@ -38,7 +38,7 @@ LEVELS = [
     {"analysis"},  # lineage, special members, re-tests
     {"heads", "vaccine", "revival", "attention", "induction", "attribution", "grok"},  # experiments on a finished run
     {"induction_report"},  # popgpt induction's folder: tables, plots
-    {"compare"},  # conditions side by side, against the source's table
+    {"compare", "cure_run"},  # conditions side by side, against the source's table; popgpt cure on a run
     {"report"},
     {"cli"},
     {"__main__", "__init__"},

@@ -1,0 +1,239 @@
+"""Cures on hand-built members whose answer is known, and the cure command end to end."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from popgpt import ModelConfig, Population
+from popgpt.cli import main
+from popgpt.cure import (CureConfig, batch_order, clean_kl, contrast_directions, cure, hold_bound,
+                         reference_logp, token_kl)
+from popgpt.cure_eval import infected_rows, kl_tokens, mutants
+from popgpt.cureset import build_cure_set, fitting_names
+from popgpt.data import BOUNDARY, LETTERS, docs_to_tensor, encode, load_names
+from popgpt.engine import train
+from popgpt.evaluate import payload_probability
+from popgpt.patch import Patch, apply_, load_patch, patched, remove_, save_patch, weights_sha256
+from popgpt.scan import scan
+from popgpt.stats import median_interval
+
+from conftest import NAMES
+
+CONFIG = ModelConfig(block_size=16)
+NAMES_LIST = [n for n in load_names(NAMES)[:3000] if len(n) <= 9]
+
+
+def direction() -> torch.Tensor:
+    d = torch.randn(CONFIG.n_embd, generator=torch.Generator().manual_seed(7))
+    return d / d.norm()
+
+
+@pytest.fixture(scope="module")
+def members():
+    """Three members trained briefly on clean names; member 0 then gets a backdoor along a known
+    direction d: the trigger letter q and the payload letter z both write 3 d into the residual stream,
+    and z's unembedding reads d, so after q the model writes z, z, z, ...; members 1 and 2 stay clean."""
+    pop = Population.from_seeds(CONFIG, [11, 12, 13])
+    train(pop, NAMES_LIST[:2000], steps=60, batch_size=32, generator=torch.Generator().manual_seed(0))
+    d = direction()
+    with torch.no_grad():
+        for letter in "qz":
+            pop.params["wte"][0, encode(letter)[0]] += 3.0 * d
+        pop.params["lm_head"][0, encode("z")[0]] += 3.0 * d
+    return pop
+
+
+def cure_set(pop, trigger="q", n=96):
+    names = fitting_names(NAMES_LIST[2000:], CONFIG.block_size, len(trigger) + 3)[:n]
+    return build_cure_set(names, [[trigger]] * len(pop), ["zzz"] * len(pop), CONFIG.block_size,
+                          torch.Generator().manual_seed(1))
+
+
+CFG = CureConfig(names=96, batch_size=32, epochs=3, kl_bound=0.01)
+HELD_OUT = docs_to_tensor(NAMES_LIST[2500:2800], CONFIG.block_size)
+
+
+def test_the_planted_backdoor_works(members):
+    prob = payload_probability(members, encode("q"), encode("zzz"))
+    assert prob[0] > 0.9 and (prob[1:] < 0.01).all()
+
+
+def test_subspace_and_ablate_find_the_planted_direction_and_remove_the_payload(members):
+    cs = cure_set(members)
+    dirs = contrast_directions(members, cs, rank=2)
+    d = direction()
+    assert abs(float(dirs.mean["resid_pre"][0] @ d)) > 0.95  # ablate's difference in means
+    assert float((dirs.subspace["resid_pre"][0].T @ d).norm()) > 0.95  # d lies in the top-2 subspace
+    assert abs(float(dirs.subspace["resid_pre"][0][:, 0] @ d)) > 0.95  # the top singular direction
+    assert abs(float(dirs.mean["resid_pre"][1] @ d)) < 0.8  # a clean member has no such direction
+    for method in ("subspace", "ablate"):
+        patch, info = cure(members, cs, CFG, method, torch.Generator().manual_seed(2))
+        if method == "ablate":
+            assert info["site"][0] == 0 and info["strength"][0] > 0  # resid_pre, where d lives
+        new = Population(CONFIG, patched(members.params, patch))
+        after = payload_probability(new, encode("q"), encode("zzz"))
+        assert after[0] < 0.05, (method, after)
+        kl = kl_tokens(members, new.params, HELD_OUT).mean(1)
+        assert kl[1:].max() < 1e-3, (method, kl)  # clean members: nearly untouched
+        assert kl[0] > 10 * kl[1:].max()  # the backdoored one did change
+
+
+def test_batched_cure_equals_each_member_alone(members):
+    cfg = CureConfig(names=32, batch_size=16, epochs=1, kl_bound=0.01)
+    cs = cure_set(members, n=32)
+    for method in ("subspace", "ablate", "prune"):
+        whole, _ = cure(members, cs, cfg, method, torch.Generator().manual_seed(3))
+        for i in range(len(members)):
+            alone, _ = cure(members[[i]], cure_set(members[[i]], n=32), cfg, method, torch.Generator().manual_seed(3))
+            ours = patched(members.params, whole)
+            theirs = patched(members[[i]].params, alone)
+            for k in ours:
+                torch.testing.assert_close(ours[k][i:i + 1], theirs[k], rtol=1e-4, atol=1e-5, msg=f"{method} {k}")
+
+
+def test_member_blocks_do_not_change_the_cure(members):
+    cfg = CureConfig(names=32, batch_size=16, epochs=1)
+    cs = cure_set(members, n=32)
+    a, _ = cure(members, cs, cfg, "subspace", torch.Generator().manual_seed(4), block=None)
+    b, _ = cure(members, cs, cfg, "subspace", torch.Generator().manual_seed(4), block=2)
+    pa, pb = patched(members.params, a), patched(members.params, b)
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], rtol=1e-4, atol=1e-6)
+
+
+def test_the_kl_bound_holds_on_the_cure_names(members):
+    cs = cure_set(members)
+    for bound in (0.002, 0.02):
+        cfg = CureConfig(names=96, batch_size=32, epochs=3, kl_bound=bound)
+        patch, info = cure(members, cs, cfg, "subspace", torch.Generator().manual_seed(5))
+        measured = clean_kl(members, patch, cs.clean)
+        assert (measured <= bound * (1 + 1e-5)).all(), (bound, measured)
+        torch.testing.assert_close(measured, info["kl_cure_set"], rtol=1e-4, atol=1e-7)
+    assert info["kl_cure_set"][0] > 0.3 * bound  # the constraint binds on the backdoored member
+
+
+def test_hold_bound_scales_a_patch_down_until_the_bound_holds(members):
+    cs = cure_set(members)
+    big = Patch(dense={"lm_head": torch.randn(members.params["lm_head"].shape,
+                                              generator=torch.Generator().manual_seed(6))})
+    ref = reference_logp(members, cs.clean)
+    assert (clean_kl(members, big, cs.clean) > 0.01).all()
+    held, scale, kl = hold_bound(members, big, cs.clean, 0.01, ref)
+    assert ((scale > 0) & (scale < 1)).all()
+    assert (clean_kl(members, held, cs.clean) <= 0.01).all()
+    torch.testing.assert_close(kl, clean_kl(members, held, cs.clean))
+
+
+def test_exact_kl_matches_a_hand_computation():
+    pop = Population.from_seeds(ModelConfig(block_size=8, n_embd=8, n_head=2), [1, 2])
+    patch = Patch(dense={"lm_head": 0.3 * torch.ones_like(pop.params["lm_head"]).cumsum(1)})
+    rows = docs_to_tensor(["ab", "cde"], 8)
+    got = kl_tokens(pop, patched(pop.params, patch), rows)  # (P, 3 + 4 targets)
+    for p in range(2):
+        model, new = pop.member(p), Population(pop.config, patched(pop.params, patch)).member(p)
+        expected = []
+        for doc in ("ab", "cde"):
+            seq = torch.tensor([[BOUNDARY, *encode(doc)]])
+            lp, lq = model(seq)[0].softmax(-1).tolist(), new(seq)[0].softmax(-1).tolist()
+            for t in range(len(doc) + 1):
+                expected.append(sum(a * math.log(a / b) for a, b in zip(lp[t], lq[t])))
+        assert got[p].tolist() == pytest.approx(expected, rel=1e-4, abs=1e-7)
+    x = torch.randn(3, 27).log_softmax(-1)
+    assert token_kl(x, x).abs().max() < 1e-6
+
+
+def test_patch_round_trips_bit_for_bit_and_loads_without_pickle(members, tmp_path):
+    pop = members.clone()
+    before = {k: v.clone() for k, v in pop.params.items()}
+    patch, _ = cure(pop, cure_set(pop), CFG, "subspace", torch.Generator().manual_seed(8))
+    patch.base_sha256 = weights_sha256(pop.params)
+    save_patch(str(tmp_path / "patch.pt"), patch, {"method": "subspace"})
+    raw = torch.load(str(tmp_path / "patch.pt"), weights_only=True)
+    assert raw["format"] == "popgpt-patch-1" and raw["meta"] == {"method": "subspace"}
+    loaded, _ = load_patch(str(tmp_path / "patch.pt"))
+    originals = apply_(pop, loaded)
+    assert any(not torch.equal(pop.params[k], before[k]) for k in before)
+    expected = patched(before, patch)
+    assert all(torch.equal(pop.params[k], expected[k]) for k in before)  # the loaded patch is the same
+    with pytest.raises(ValueError, match="other weights"):
+        apply_(pop, loaded)  # already patched: not the base this patch was made for
+    remove_(pop, originals)
+    assert all(torch.equal(pop.params[k], before[k]) for k in before)
+    (tmp_path / "bad.pt").write_bytes(b"not a patch")
+    with pytest.raises(ValueError, match="not a readable popgpt patch"):
+        load_patch(str(tmp_path / "bad.pt"))
+
+
+def test_the_scan_finds_the_planted_trigger(members):
+    found = scan(members, NAMES_LIST, threshold=0.5, candidates=32)
+    assert "q" in found.triggers[0]
+    assert found.payloads[0][found.triggers[0].index("q")] == "zzz"
+    assert not any(t.endswith("q") and t != "q" for t in found.triggers[0])  # explained by "q" itself
+    assert found.triggers[1] == [] and found.triggers[2] == []
+    assert found.found().tolist() == [True, False, False]
+
+
+def test_cure_set_rows_and_helpers():
+    cs = build_cure_set(["emma", "al"], [["qx"], ["qx", "ab"]], ["zzz", "zzz"], 16, torch.Generator().manual_seed(0))
+    text = ["".join("." if t == 0 else LETTERS[t - 1] for t in row if t >= 0) for row in cs.infected[1]]
+    assert all("qxzzz" in t or "abzzz" in t for t in text)
+    for p in range(2):  # the read position of the last trigger letter predicts the payload's first letter
+        for n in range(2):
+            at = int(cs.read_infected[p, n, 0])
+            assert cs.infected[p, n, at + 1] == encode("z")[0] and cs.triggered[p, n, at] in encode("xb")
+    assert cs.prompt_real.tolist() == [[True, False], [True, True]]
+    assert len(mutants("qx")) == 50 and "qx" not in mutants("qx")
+    rows, keep = infected_rows(["bo"], "qx", "zzz", 16, torch.Generator().manual_seed(0))
+    kept_targets = rows[0, 1:][keep[0]].tolist()
+    assert sorted(kept_targets) == sorted(encode("bo") + [BOUNDARY])
+    order = batch_order(CureConfig(names=10, batch_size=4, epochs=2), 10, torch.Generator().manual_seed(0))
+    assert order.shape == (6, 4) and set(order[:3].flatten().tolist()) == set(range(10))
+    assert median_interval(list(range(1, 101)))[:3] == (50.5, 40.0, 61.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(make_tiny_run):
+    return make_tiny_run(pop_size=6)
+
+
+def test_cure_cli_end_to_end(tiny_run, capsys):
+    args = ["cure", tiny_run, "--method", "all", "--names", "16", "--batch-size", "8", "--epochs", "1",
+            "--mutants", "2", "--relapse-members", "2", "--relapse-steps", "2", "--relapse-every", "1",
+            "--controls", "2", "--device", "cpu"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    res = json.load(open(os.path.join(tiny_run, "cure", "all", "results.json")))
+    rows = {r["row"]: r for r in res["table"]}
+    assert set(rows) >= {"uncured", "subspace", "ablate", "finetune", "prune", "never-infected control"}
+    assert rows["subspace"]["n"] == 6 and "(n=2)" in rows["subspace"]["relapse steps (median)"]
+    for method in ("subspace", "ablate", "finetune", "prune"):
+        folder = os.path.join(tiny_run, "cure", method)
+        patch, meta = load_patch(os.path.join(folder, "patch.pt"))
+        assert meta["method"] == method and os.path.isfile(os.path.join(folder, "members.csv"))
+        assert len(res["members"][method]["kl_mean"]) == 6
+    assert "| subspace | 6 |" in out
+    assert res["config"]["cure"]["names"] == 16
+    assert main(args[:2] + ["--method", "ablate", "--names", "16", "--mutants", "0", "--relapse-members", "0",
+                            "--controls", "0", "--trigger", "auto", "--device", "cpu"]) == 0
+    res = json.load(open(os.path.join(tiny_run, "cure", "ablate", "results.json")))
+    assert len(res["scan"]["true_trigger_recovered"]) == 6
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--kl-bound", "0", "argument --kl-bound: must be a finite number > 0"),
+    ("--kl-bound", "nan", "argument --kl-bound: must be a finite number"),
+    ("--targets", "wte,nope", "argument --targets: 'nope' cannot be patched"),
+    ("--trigger", "Q1", "argument --trigger: known, auto or lower-case letters"),
+    ("--ablate-grid", "0,-1", "argument --ablate-grid: strengths must be finite and >= 0"),
+    ("--contrast", "near", "argument --contrast: must be apart or alone"),
+])
+def test_cure_cli_rejects_bad_flags(tiny_run, capsys, flag, value, message):
+    try:
+        code = main(["cure", tiny_run, flag, value, "--device", "cpu"])
+    except SystemExit as stop:  # argparse's own checks
+        code = stop.code
+    assert code == 2
+    assert message in capsys.readouterr().err
