@@ -401,7 +401,7 @@ def _cure_parser(sub) -> None:
     cu.add_argument("--method", choices=METHOD_CHOICES, default="all", help="cure method, or all (default: all)")
     cu.add_argument("--generation", type=count_int, help="saved generation (default: the newest)")
     cu.add_argument("--trigger", default=rd.trigger, help="known (the run's original and current triggers), auto "
-                    "(scan every 2- and 3-letter prompt) or the letters of a trigger (default: known)")
+                    "(scan every 1-, 2- and 3-letter prompt) or the letters of a trigger (default: known)")
     for flag, typ, text in (
             ("names", positive_int, "clean cure names (each also with the trigger inserted)"),
             ("batch-size", positive_int, "cure names per member per step"),
