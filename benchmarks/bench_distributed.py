@@ -35,11 +35,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import (base_parser, describe, environment, markdown_table, setup,  # noqa: E402
                                write_results)
-from popgpt.config import DataConfig, EvolutionConfig, RunConfig, TrainConfig  # noqa: E402
-from popgpt.evolution import breed, pick_parents, select  # noqa: E402
-from popgpt.experiment import PhaseTimer, evolve, prepare  # noqa: E402
+from popgpt.evolution.config import DataConfig, EvolutionConfig, RunConfig  # noqa: E402
+from popgpt.step import TrainConfig
+from popgpt.evolution.operators import breed, pick_parents, select  # noqa: E402
+from popgpt.evolution.experiment import PhaseTimer, evolve, prepare  # noqa: E402
 from popgpt.population import Population  # noqa: E402
-from popgpt.train import draw_rows  # noqa: E402
+from popgpt.step import draw_rows  # noqa: E402
 
 NAMES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "names.txt")
 

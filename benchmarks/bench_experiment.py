@@ -21,8 +21,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import (base_parser, describe, environment, markdown_table, setup,  # noqa: E402
                                write_results)
 from popgpt.engine import ENGINES, Engine, default_engine  # noqa: E402
-from popgpt.config import DataConfig, EvolutionConfig, RunConfig, TrainConfig  # noqa: E402
-from popgpt.experiment import PhaseTimer, evolve  # noqa: E402
+from popgpt.evolution.config import DataConfig, EvolutionConfig, RunConfig  # noqa: E402
+from popgpt.step import TrainConfig
+from popgpt.evolution.experiment import PhaseTimer, evolve  # noqa: E402
 
 NAMES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "names.txt")
 PRESETS = {  # pop_size, generations, steps, finetune_steps

@@ -38,7 +38,7 @@ from popgpt import MicroGPT, ModelConfig, Population, TrainConfig  # noqa: E402
 from popgpt.data import IGNORE, docs_to_tensor, inputs_targets, load_names  # noqa: E402
 from popgpt.engine import ENGINES, Engine  # noqa: E402
 from popgpt.population import default_seeds  # noqa: E402
-from popgpt.train import Batches  # noqa: E402
+from popgpt.step import Batches  # noqa: E402
 
 NAMES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "names.txt")
 

@@ -25,10 +25,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import base_parser, describe, environment, write_results  # noqa: E402
-from popgpt.config import DataConfig, EvolutionConfig, RunConfig, TrainConfig  # noqa: E402
+from popgpt.evolution.config import DataConfig, EvolutionConfig, RunConfig  # noqa: E402
+from popgpt.step import TrainConfig
 from popgpt.engine import ENGINES, Engine  # noqa: E402
-from popgpt.experiment import make_context, prepare  # noqa: E402
-from popgpt.generation import generation, init_state  # noqa: E402
+from popgpt.evolution.experiment import make_context, prepare  # noqa: E402
+from popgpt.evolution.generation import generation, init_state  # noqa: E402
 
 NAMES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "names.txt")
 

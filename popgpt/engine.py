@@ -21,12 +21,14 @@ import functools
 
 import torch
 
-from .config import ENGINES, TrainConfig
+from .step import TrainConfig
 from .data import docs_to_tensor, inputs_targets
 from .loss import losses_of
-from .memory import CPU_MEMBER_BLOCK
+from .device import CPU_MEMBER_BLOCK
 from .population import AdamState, Population
-from .train import Batches, Hyper, adam_step, as_hyper, sample_indices, step, train_step
+from .step import Batches, Hyper, adam_step, as_hyper, sample_indices, step, train_step
+
+ENGINES = ("eager", "compile", "graph")
 
 
 def default_engine(device: torch.device) -> str:

@@ -22,7 +22,7 @@ import torch
 
 from .data import BOUNDARY, IGNORE, decode, encode, inputs_targets
 from .loss import member_nll_sum
-from .memory import LOGIT_BUDGET
+from .device import LOGIT_BUDGET
 from .population import Population
 
 

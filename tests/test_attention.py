@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from popgpt import ModelConfig, Population
-from popgpt.attention import html_page, patterns, pick_members, text_tokens
+from popgpt.lens.attention import html_page, patterns, pick_members, text_tokens
 from popgpt.cli import main
 from popgpt.data import encode
 

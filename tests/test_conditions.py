@@ -11,13 +11,13 @@ import torch.nn.functional as F
 
 from popgpt import MicroGPT, ModelConfig, Population, Virus, immunity
 from popgpt.cli import main, parse_grid
-from popgpt.config import EvolutionConfig, RunConfig, condition_configs
+from popgpt.evolution.config import EvolutionConfig, RunConfig, condition_configs
 from popgpt.data import docs_to_tensor, encode, load_names
 from popgpt.engine import Engine
-from popgpt.layout import Layout
+from popgpt.evolution.layout import Layout
 from popgpt.stats import cell, proportion_interval, summarize_replicates
-from popgpt.summary import special_ceiling, special_members, special_population
-from popgpt.train import Batches, Hyper, draw_rows
+from popgpt.evolution.summary import special_ceiling, special_members, special_population
+from popgpt.step import Batches, Hyper, draw_rows
 
 from conftest import NAMES
 
@@ -178,7 +178,7 @@ def test_a_sweep_runs_every_condition_and_replicate_in_one_batch(sweep_run):
 
 
 def test_distance_to_the_source_by_hand():
-    from popgpt.compare import distance_to_source
+    from popgpt.evolution.compare import distance_to_source
 
     rows = [{"generation": g, "immune_frac": f} for g, f in ((0, 0.27), (5, 0.54), (7, 0.9), (10, 0.61))]
     assert distance_to_source(rows) == pytest.approx(math.sqrt((0 + 100 + 100) / 3))  # generations 0, 5, 10
@@ -186,7 +186,7 @@ def test_distance_to_the_source_by_hand():
 
 
 def test_the_report_of_a_sweep_ranks_its_conditions(sweep_run, capsys):
-    from popgpt.compare import distance_to_source
+    from popgpt.evolution.compare import distance_to_source
 
     assert main(["report", sweep_run, "--no-retest"]) == 0
     text = open(os.path.join(sweep_run, "report", "report.md")).read()

@@ -9,15 +9,15 @@ import torch
 
 from popgpt import ModelConfig, Population
 from popgpt.cli import main
-from popgpt.cure import (CureConfig, batch_order, clean_kl, contrast_directions, cure, hold_bound,
-                         reference_logp, token_kl)
-from popgpt.cure_eval import infected_rows, kl_tokens, mutants
-from popgpt.cureset import build_cure_set, fitting_names
+from popgpt.cure.methods import (CureConfig, batch_order, clean_kl, contrast_directions, cure, hold_bound,
+    reference_logp, token_kl)
+from popgpt.cure.measure import infected_rows, kl_tokens, mutants
+from popgpt.cure.cureset import build_cure_set, fitting_names
 from popgpt.data import BOUNDARY, LETTERS, docs_to_tensor, encode, load_names
 from popgpt.engine import train
 from popgpt.evaluate import payload_probability
-from popgpt.patch import Patch, apply_, load_patch, patched, remove_, save_patch, weights_sha256
-from popgpt.scan import scan
+from popgpt.cure.patch import Patch, apply_, load_patch, patched, remove_, save_patch, weights_sha256
+from popgpt.cure.scan import scan
 from popgpt.stats import median_interval
 
 from conftest import NAMES

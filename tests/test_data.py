@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from popgpt.data import (BOUNDARY, IGNORE, DataError, decode, docs_to_tensor, encode,
-                         inputs_targets, load_names, split_names)
-from popgpt.train import sample_indices
+from popgpt.data import (BOUNDARY, IGNORE, DataError, decode, docs_to_tensor, encode, inputs_targets, load_names,
+    split_names)
+from popgpt.step import sample_indices
 
 
 def test_encode_decode_roundtrip():

@@ -16,14 +16,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from popgpt import distributed
+from popgpt.evolution import distributed
 from popgpt.cli import build_parser, config_from_args, main
 from popgpt.data import load_names
-from popgpt.distributed import bounds, pack, unpack
+from popgpt.evolution.distributed import bounds, pack, unpack
 from popgpt.evaluate import clean_nll, sample_tokens
-from popgpt.evolution import assemble, breed, pick_parents, select
-from popgpt.experiment import evolve
-from popgpt.layout import Layout
+from popgpt.evolution.operators import assemble, breed, pick_parents, select
+from popgpt.evolution.experiment import evolve
+from popgpt.evolution.layout import Layout
 from popgpt.model import ModelConfig
 from popgpt.population import Population
 from popgpt.runio import RunError, load_checkpoint, read_json

@@ -2,10 +2,9 @@ import pytest
 import torch
 
 from popgpt import ModelConfig, Population, TrainConfig
-from popgpt.config import EvolutionConfig
-from popgpt.evolution import (crossover, mutate, next_generation, select,
-                              selection_fitness)
-from popgpt.train import train_step
+from popgpt.evolution.config import EvolutionConfig
+from popgpt.evolution.operators import crossover, mutate, next_generation, select, selection_fitness
+from popgpt.step import train_step
 
 CONFIG = ModelConfig()
 
@@ -91,7 +90,7 @@ def test_evolution_config_validation():
 
 
 def test_distinct_parents_never_pair_a_survivor_with_itself():
-    from popgpt.evolution import pick_parents
+    from popgpt.evolution.operators import pick_parents
 
     survivors = torch.tensor([3, 7, 9])
     pairs = pick_parents(survivors, 3000, torch.Generator().manual_seed(0), distinct=True)

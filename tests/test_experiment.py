@@ -8,8 +8,9 @@ import torch
 
 from popgpt.cli import main
 from popgpt.data import load_names
-from popgpt.config import DataConfig, EvolutionConfig, RunConfig, TrainConfig, VirusConfig
-from popgpt.experiment import evolve
+from popgpt.evolution.config import DataConfig, EvolutionConfig, RunConfig, VirusConfig
+from popgpt.step import TrainConfig
+from popgpt.evolution.experiment import evolve
 from popgpt.runio import RunError, load_checkpoint
 
 from conftest import NAMES, ROOT

@@ -9,12 +9,13 @@ import dataclasses
 import pytest
 import torch
 
-from popgpt.config import DataConfig, EvolutionConfig, RunConfig, TrainConfig, VirusConfig
+from popgpt.evolution.config import DataConfig, EvolutionConfig, RunConfig, VirusConfig
+from popgpt.step import TrainConfig
 from popgpt.engine import Engine
-from popgpt.experiment import make_context, prepare
-from popgpt.generation import generation, init_state
+from popgpt.evolution.experiment import make_context, prepare
+from popgpt.evolution.generation import generation, init_state
 from popgpt.population import Population
-from popgpt.train import Batches, Hyper
+from popgpt.step import Batches, Hyper
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -91,7 +92,7 @@ def test_engines_with_per_member_settings_match_eager_on_gpu(kind):
 
 def test_a_gpu_run_reproduces_itself(names_path, tmp_path):
     """Same seed on the same GPU, same generations.csv, byte for byte."""
-    from popgpt.experiment import evolve
+    from popgpt.evolution.experiment import evolve
 
     config = gpu_config(names_path, engine="graph")
     for name in ("a", "b"):

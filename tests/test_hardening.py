@@ -12,17 +12,18 @@ import torch
 
 from popgpt import ModelConfig, Population
 from popgpt.cli import main
-from popgpt.config import DataConfig, EvolutionConfig, RunConfig, TrainConfig, VirusConfig
+from popgpt.evolution.config import DataConfig, EvolutionConfig, RunConfig, VirusConfig
+from popgpt.step import TrainConfig
 from popgpt.data import load_names
 from popgpt.evaluate import evaluate_members
-from popgpt.evolution import select, selection_fitness
+from popgpt.evolution.operators import select, selection_fitness
 from popgpt.data import decode
 from popgpt.engine import Engine
-from popgpt.experiment import evolve
-from popgpt.summary import group_row
-from popgpt.memory import check_fits, estimate_bytes, largest_population
+from popgpt.evolution.experiment import evolve
+from popgpt.evolution.summary import group_row
+from popgpt.evolution.memory import check_fits, estimate_bytes, largest_population
 from popgpt.runio import RunError, RunLock, checkpoint_path, load_checkpoint
-from popgpt.virus import Virus
+from popgpt.evolution.virus import Virus
 
 from conftest import NAMES, ROOT
 
@@ -416,7 +417,7 @@ class SpyEngine(Engine):
 
 
 def spy_triggers(monkeypatch) -> list:
-    import popgpt.generation as generation
+    import popgpt.evolution.generation as generation
 
     tested, real = [], generation.evaluate_members
 
@@ -457,7 +458,7 @@ def test_trigger_mutation_order_and_reinfection(tmp_path, names, monkeypatch, or
 
 
 def test_evaluation_names_are_never_training_names(tmp_path, names, monkeypatch):
-    import popgpt.experiment as experiment
+    import popgpt.evolution.experiment as experiment
 
     seen = {}
     real_start = experiment._start
@@ -515,7 +516,7 @@ def test_a_failed_start_leaves_no_folder(tmp_path, names, capsys):
 
 
 def test_seed_streams_never_give_a_fresh_member_a_run_members_seed():
-    from popgpt.config import FRESH_SEED_BASE, fresh_member_seeds
+    from popgpt.seeds import FRESH_SEED_BASE, fresh_member_seeds
     from popgpt.population import default_seeds
 
     config = RunConfig(seed=10)

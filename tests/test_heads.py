@@ -7,7 +7,7 @@ from popgpt import ModelConfig, Population
 from popgpt.cli import main
 from popgpt.data import docs_to_tensor, encode, load_names
 from popgpt.evaluate import clean_nll
-from popgpt.heads import classify, head_metrics, head_outputs, trigger_head
+from popgpt.lens.heads import classify, head_metrics, head_outputs, trigger_head
 from popgpt.model import causal_attention, rmsnorm
 
 from conftest import NAMES
@@ -85,7 +85,7 @@ def test_heads_cli(make_tiny_run, capsys):
 
     from popgpt.data import inputs_targets
     from popgpt.runio import load_checkpoint
-    from popgpt.runs import open_run
+    from popgpt.evolution.runs import open_run
 
     run = make_tiny_run()
     assert main(["heads", run, "--names", "20", "--device", "cpu"]) == 0

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from popgpt import ModelConfig, Population
-from popgpt.cache import Edit
+from popgpt.lens.cache import Edit
 from popgpt.cli import main
 from popgpt.data import BOUNDARY, IGNORE, load_names
-from popgpt.induction import (InductionConfig, causal_check, copy_losses, first_step, head_scores, phase_steps,
-                              repeat_rows, repeated_sequences, seed_dependence)
+from popgpt.lens.induction import (InductionConfig, causal_check, copy_losses, first_step, head_scores, phase_steps,
+    repeat_rows, repeated_sequences, seed_dependence)
 
 from conftest import NAMES
 

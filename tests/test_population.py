@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from popgpt import MicroGPT, ModelConfig, Population, TrainConfig
 from popgpt.data import IGNORE
-from popgpt.train import member_losses, train_step
+from popgpt.step import member_losses, train_step
 
 SEEDS = [42, 179, 316, 7]
 

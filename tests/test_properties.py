@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from popgpt.cli import FLAGS, build_parser, config_from_args
 from popgpt.data import LETTERS, DataError, load_names
-from popgpt.experiment import prepare
+from popgpt.evolution.experiment import prepare
 from popgpt.runio import RunError
 
 from conftest import NAMES

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from popgpt import ModelConfig, Population
-from popgpt.config import EvolutionConfig
-from popgpt.evolution import assemble, next_generation, pick_parents, select
+from popgpt.evolution.config import EvolutionConfig
+from popgpt.evolution.operators import assemble, next_generation, pick_parents, select
 from popgpt.runio import load_checkpoint
 from popgpt.stats import mean_interval, summarize_replicates, t975
 
@@ -77,7 +77,7 @@ def test_replicated_run_tables(make_tiny_run):
 
 
 def test_report_of_a_replicated_run(make_tiny_run):
-    from popgpt.report import generation_table, write_report
+    from popgpt.evolution.report import generation_table, write_report
 
     run = make_tiny_run(pop_size=6, replicates=2, generations=1)
     results = json.load(open(os.path.join(run, "results.json")))

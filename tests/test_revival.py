@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from popgpt.cli import main
-from popgpt.revival import RevivalConfig, median, revive, steps_to_event
+from popgpt.evolution.revival import RevivalConfig, median, revive, steps_to_event
 
 
 def test_steps_to_event_by_hand():

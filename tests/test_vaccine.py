@@ -6,7 +6,7 @@ import torch
 
 from popgpt import ModelConfig, Population
 from popgpt.cli import main
-from popgpt.vaccine import VaccineConfig, pick_donors, transplant, vaccinate
+from popgpt.evolution.vaccine import VaccineConfig, pick_donors, transplant, vaccinate
 
 
 def test_transplant_copies_exactly_the_named_tensors():
@@ -56,9 +56,9 @@ def test_vaccinate_cli(tiny_run, capsys):
 
     import torch.nn.functional as F
 
-    from popgpt.config import fresh_member_seeds
+    from popgpt.seeds import fresh_member_seeds
     from popgpt.data import inputs_targets
-    from popgpt.runs import open_run
+    from popgpt.evolution.runs import open_run
 
     assert main(["vaccinate", tiny_run, "--recipients", "4", "--steps", "3", "--triggers", "1",
                  "--device", "cpu"]) == 0
