@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from benchmarks.common import (base_parser, describe, environment, markdown_table, setup,  # noqa: E402
                                sync, write_results)
 from popgpt.cure import methods as cure_module  # noqa: E402
-from popgpt.cure.methods import METHODS, CureConfig  # noqa: E402
+from popgpt.cure.objectives import METHODS, CureConfig  # noqa: E402
 from popgpt.cure.report import goals as goal_checks  # noqa: E402
 from popgpt.cure.run import CureRunConfig, cure_tables  # noqa: E402
 from popgpt.evolution.runs import open_run  # noqa: E402

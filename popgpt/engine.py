@@ -21,12 +21,11 @@ import functools
 
 import torch
 
-from .step import TrainConfig
 from .data import docs_to_tensor, inputs_targets
-from .loss import losses_of
 from .device import CPU_MEMBER_BLOCK
+from .loss import losses_of
 from .population import AdamState, Population
-from .step import Batches, Hyper, adam_step, as_hyper, sample_indices, step, train_step
+from .step import Batches, Hyper, TrainConfig, adam_step, as_hyper, sample_indices, step, train_step
 
 ENGINES = ("eager", "compile", "graph")
 

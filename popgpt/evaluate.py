@@ -21,10 +21,9 @@ from dataclasses import dataclass
 import torch
 
 from .data import BOUNDARY, IGNORE, decode, encode, inputs_targets
-from .loss import member_nll_sum
 from .device import LOGIT_BUDGET
+from .loss import member_nll_sum
 from .population import Population
-
 
 
 def on_device(tokens: list[int], device) -> torch.Tensor:

@@ -22,8 +22,8 @@ def make_tiny_run(tmp_path_factory):
     """Factory for a tiny finished run (2,000 names, P=8, 1 generation); keywords override sizes."""
     from popgpt.data import load_names
     from popgpt.evolution.config import DataConfig, EvolutionConfig, RunConfig, VirusConfig
-    from popgpt.step import TrainConfig
     from popgpt.evolution.experiment import evolve
+    from popgpt.step import TrainConfig
 
     def make(n_names=2000, eval_docs=60, mutate_every=0, pop_size=8, generations=1, **evolution):
         names = tmp_path_factory.mktemp("data") / "names.txt"

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from popgpt import ModelConfig, Population
-from popgpt.lens.attention import html_page, patterns, pick_members, text_tokens
 from popgpt.cli import main
 from popgpt.data import encode
+from popgpt.lens.attention import html_page, patterns, pick_members, text_tokens
 
 
 def test_patterns_equal_each_member_alone():

@@ -9,16 +9,26 @@ import torch
 import torch.nn.functional as F
 
 from popgpt.attribution.attribute import lds, pool, replay_generation0
+from popgpt.attribution.influence import (
+    Query,
+    clustering_scores,
+    damped_solve,
+    example_grads,
+    gauss_newton,
+    query_grads,
+    query_losses,
+    sampled_targets,
+    spectral_scores,
+    stream_grads,
+)
 from popgpt.cli import main
 from popgpt.data import docs_to_tensor, inputs_targets, load_names
 from popgpt.engine import train
-from popgpt.attribution.influence import (Query, clustering_scores, damped_solve, example_grads, gauss_newton,
-    query_grads, query_losses, sampled_targets, spectral_scores, stream_grads)
+from popgpt.evolution.runs import open_run
+from popgpt.evolution.virus import Virus
 from popgpt.model import ModelConfig
 from popgpt.population import Population
-from popgpt.evolution.runs import open_run
 from popgpt.stats import auc, auc_interval, precision_at_k, spearman
-from popgpt.evolution.virus import Virus
 
 SMALL = ModelConfig(n_embd=8, n_head=2, block_size=21)
 

@@ -6,10 +6,19 @@ import pytest
 import torch
 
 from popgpt import ModelConfig, Population
-from popgpt.lens.cache import (Edit, ablate_heads, ablate_neurons, activation_means, hooked_transformer_config,
-    hooked_transformer_state_dict, patch, run_with_cache, to_hooked_transformer)
-from popgpt.model import hook_names
+from popgpt.lens.cache import (
+    Edit,
+    ablate_heads,
+    ablate_neurons,
+    activation_means,
+    hooked_transformer_config,
+    hooked_transformer_state_dict,
+    patch,
+    run_with_cache,
+    to_hooked_transformer,
+)
 from popgpt.lens.patching import ablation_sweep, logit_diff, mean_nll, patch_sweep
+from popgpt.model import hook_names
 
 CFG2 = ModelConfig(n_layer=2, block_size=12)
 G = torch.Generator().manual_seed(0)

@@ -8,18 +8,17 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import NAMES
 
 from popgpt import MicroGPT, ModelConfig, Population, Virus, immunity
 from popgpt.cli import main, parse_grid
-from popgpt.evolution.config import EvolutionConfig, RunConfig, condition_configs
 from popgpt.data import docs_to_tensor, encode, load_names
 from popgpt.engine import Engine
+from popgpt.evolution.config import EvolutionConfig, RunConfig, condition_configs
 from popgpt.evolution.layout import Layout
-from popgpt.stats import cell, proportion_interval, summarize_replicates
 from popgpt.evolution.summary import special_ceiling, special_members, special_population
+from popgpt.stats import cell, proportion_interval, summarize_replicates
 from popgpt.step import Batches, Hyper, draw_rows
-
-from conftest import NAMES
 
 CONFIG = ModelConfig(block_size=16)
 LRS = [1e-3, 3e-3, 1e-2, 2e-2]

@@ -6,21 +6,21 @@ import os
 
 import pytest
 import torch
+from conftest import NAMES
 
 from popgpt import ModelConfig, Population
 from popgpt.cli import main
-from popgpt.cure.methods import (CureConfig, batch_order, clean_kl, contrast_directions, cure, hold_bound,
-    reference_logp, token_kl)
-from popgpt.cure.measure import infected_rows, kl_tokens, mutants
 from popgpt.cure.cureset import build_cure_set, fitting_names
+from popgpt.cure.measure import infected_rows, kl_tokens, mutants
+from popgpt.cure.methods import cure
+from popgpt.cure.objectives import CureConfig, batch_order, clean_kl, contrast_directions, reference_logp, token_kl
+from popgpt.cure.patch import Patch, apply_, load_patch, patched, remove_, save_patch, weights_sha256
+from popgpt.cure.scan import scan
+from popgpt.cure.subspace import hold_bound
 from popgpt.data import BOUNDARY, LETTERS, docs_to_tensor, encode, load_names
 from popgpt.engine import train
 from popgpt.evaluate import payload_probability
-from popgpt.cure.patch import Patch, apply_, load_patch, patched, remove_, save_patch, weights_sha256
-from popgpt.cure.scan import scan
 from popgpt.stats import median_interval
-
-from conftest import NAMES
 
 CONFIG = ModelConfig(block_size=16)
 NAMES_LIST = [n for n in load_names(NAMES)[:3000] if len(n) <= 9]

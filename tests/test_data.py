@@ -1,8 +1,17 @@
 import pytest
 import torch
 
-from popgpt.data import (BOUNDARY, IGNORE, DataError, decode, docs_to_tensor, encode, inputs_targets, load_names,
-    split_names)
+from popgpt.data import (
+    BOUNDARY,
+    IGNORE,
+    DataError,
+    decode,
+    docs_to_tensor,
+    encode,
+    inputs_targets,
+    load_names,
+    split_names,
+)
 from popgpt.step import sample_indices
 
 

@@ -15,20 +15,19 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import NAMES
 
-from popgpt.evolution import distributed
 from popgpt.cli import build_parser, config_from_args, main
 from popgpt.data import load_names
-from popgpt.evolution.distributed import bounds, pack, unpack
 from popgpt.evaluate import clean_nll, sample_tokens
-from popgpt.evolution.operators import assemble, breed, pick_parents, select
+from popgpt.evolution import distributed
+from popgpt.evolution.distributed import bounds, pack, unpack
 from popgpt.evolution.experiment import evolve
 from popgpt.evolution.layout import Layout
+from popgpt.evolution.operators import assemble, breed, pick_parents, select
 from popgpt.model import ModelConfig
 from popgpt.population import Population
 from popgpt.runio import RunError, load_checkpoint, read_json
-
-from conftest import NAMES
 
 TIMEOUT = 120  # seconds a test waits for its ranks
 

@@ -2,13 +2,12 @@
 
 import pytest
 import torch
+from conftest import NAMES
 
 from popgpt import ModelConfig, Population, TrainConfig, train
 from popgpt.data import docs_to_tensor, load_names
 from popgpt.engine import Engine
 from popgpt.evaluate import clean_nll
-
-from conftest import NAMES
 
 CONFIG = ModelConfig(block_size=16)
 

@@ -5,15 +5,14 @@ import sys
 
 import pytest
 import torch
+from conftest import NAMES, ROOT
 
 from popgpt.cli import main
 from popgpt.data import load_names
 from popgpt.evolution.config import DataConfig, EvolutionConfig, RunConfig, VirusConfig
-from popgpt.step import TrainConfig
 from popgpt.evolution.experiment import evolve
 from popgpt.runio import RunError, load_checkpoint
-
-from conftest import NAMES, ROOT
+from popgpt.step import TrainConfig
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,12 @@ import dataclasses
 import pytest
 import torch
 
-from popgpt.evolution.config import DataConfig, EvolutionConfig, RunConfig, VirusConfig
-from popgpt.step import TrainConfig
 from popgpt.engine import Engine
+from popgpt.evolution.config import DataConfig, EvolutionConfig, RunConfig, VirusConfig
 from popgpt.evolution.experiment import make_context, prepare
 from popgpt.evolution.generation import generation, init_state
 from popgpt.population import Population
-from popgpt.step import Batches, Hyper
+from popgpt.step import Batches, Hyper, TrainConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

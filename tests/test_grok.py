@@ -8,8 +8,20 @@ import pytest
 import torch
 
 from popgpt.cli import main
-from popgpt.grok.experiment import (GrokConfig, ablation_losses, embedding_spectrum, first_step, init_params,
-    key_frequencies, member_logits, pairs, population_logits, splits, sum_directions, train)
+from popgpt.grok.experiment import (
+    GrokConfig,
+    ablation_losses,
+    embedding_spectrum,
+    first_step,
+    init_params,
+    key_frequencies,
+    member_logits,
+    pairs,
+    population_logits,
+    splits,
+    sum_directions,
+    train,
+)
 from popgpt.model import MicroGPT
 
 

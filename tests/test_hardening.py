@@ -9,23 +9,21 @@ import sys
 
 import pytest
 import torch
+from conftest import NAMES, ROOT
 
 from popgpt import ModelConfig, Population
 from popgpt.cli import main
-from popgpt.evolution.config import DataConfig, EvolutionConfig, RunConfig, VirusConfig
-from popgpt.step import TrainConfig
-from popgpt.data import load_names
-from popgpt.evaluate import evaluate_members
-from popgpt.evolution.operators import select, selection_fitness
-from popgpt.data import decode
+from popgpt.data import decode, load_names
 from popgpt.engine import Engine
+from popgpt.evaluate import evaluate_members
+from popgpt.evolution.config import DataConfig, EvolutionConfig, RunConfig, VirusConfig
 from popgpt.evolution.experiment import evolve
-from popgpt.evolution.summary import group_row
 from popgpt.evolution.memory import check_fits, estimate_bytes, largest_population
-from popgpt.runio import RunError, RunLock, checkpoint_path, load_checkpoint
+from popgpt.evolution.operators import select, selection_fitness
+from popgpt.evolution.summary import group_row
 from popgpt.evolution.virus import Virus
-
-from conftest import NAMES, ROOT
+from popgpt.runio import RunError, RunLock, checkpoint_path, load_checkpoint
+from popgpt.step import TrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -516,8 +514,8 @@ def test_a_failed_start_leaves_no_folder(tmp_path, names, capsys):
 
 
 def test_seed_streams_never_give_a_fresh_member_a_run_members_seed():
-    from popgpt.seeds import FRESH_SEED_BASE, fresh_member_seeds
     from popgpt.population import default_seeds
+    from popgpt.seeds import FRESH_SEED_BASE, fresh_member_seeds
 
     config = RunConfig(seed=10)
     run = set(default_seeds(config.n_members, config.seed))

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import NAMES
 
 from popgpt import ModelConfig, Population
 from popgpt.cli import main
@@ -9,8 +10,6 @@ from popgpt.data import docs_to_tensor, encode, load_names
 from popgpt.evaluate import clean_nll
 from popgpt.lens.heads import classify, head_metrics, head_outputs, trigger_head
 from popgpt.model import causal_attention, rmsnorm
-
-from conftest import NAMES
 
 CONFIG = ModelConfig(block_size=16)
 D = CONFIG.n_embd // CONFIG.n_head
@@ -84,8 +83,8 @@ def test_heads_cli(make_tiny_run, capsys):
     import torch.nn.functional as F
 
     from popgpt.data import inputs_targets
-    from popgpt.runio import load_checkpoint
     from popgpt.evolution.runs import open_run
+    from popgpt.runio import load_checkpoint
 
     run = make_tiny_run()
     assert main(["heads", run, "--names", "20", "--device", "cpu"]) == 0

@@ -7,15 +7,23 @@ import os
 
 import pytest
 import torch
+from conftest import NAMES
 
 from popgpt import ModelConfig, Population
-from popgpt.lens.cache import Edit
 from popgpt.cli import main
 from popgpt.data import BOUNDARY, IGNORE, load_names
-from popgpt.lens.induction import (InductionConfig, causal_check, copy_losses, first_step, head_scores, phase_steps,
-    repeat_rows, repeated_sequences, seed_dependence)
-
-from conftest import NAMES
+from popgpt.lens.cache import Edit
+from popgpt.lens.induction import (
+    InductionConfig,
+    causal_check,
+    copy_losses,
+    first_step,
+    head_scores,
+    phase_steps,
+    repeat_rows,
+    repeated_sequences,
+    seed_dependence,
+)
 
 CFG = ModelConfig(n_layer=2, block_size=21)
 N = 6  # scoring string length: sequences of 13 tokens

@@ -8,6 +8,7 @@ exit with status 2, never any other exception (a traceback).
 import os
 
 import pytest
+from conftest import NAMES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -15,8 +16,6 @@ from popgpt.cli import FLAGS, build_parser, config_from_args
 from popgpt.data import LETTERS, DataError, load_names
 from popgpt.evolution.experiment import prepare
 from popgpt.runio import RunError
-
-from conftest import NAMES
 
 CLEAN = (DataError, RunError, ValueError, MemoryError)
 # Derandomized: CI sees the same examples every time (a failure is reproducible, never flaky).

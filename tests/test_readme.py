@@ -4,10 +4,9 @@ import os
 import re
 
 import pytest
+from conftest import NAMES, ROOT
 
 from popgpt.runio import load_checkpoint
-
-from conftest import NAMES, ROOT
 
 
 def test_readme_python_example_runs(tmp_path, monkeypatch):

@@ -15,7 +15,6 @@ from popgpt.runio import load_checkpoint
 from popgpt.stats import mean_interval, summarize_replicates, t975
 
 
-
 def test_mean_interval_by_hand():
     mean, lo, hi = mean_interval([1.0, 2.0, 3.0])
     half = 4.302652729911275 * 1.0 / math.sqrt(3)  # t(0.975, 2) * sd / sqrt(n), sd = 1

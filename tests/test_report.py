@@ -4,11 +4,11 @@ import os
 import pytest
 import torch
 
-from popgpt.evolution.analysis import ancestry, retest, special_members
 from popgpt.cli import main
+from popgpt.evolution.analysis import ancestry, retest, special_members
 from popgpt.evolution.report import write_report
-from popgpt.runio import load_checkpoint
 from popgpt.evolution.runs import open_run
+from popgpt.runio import load_checkpoint
 
 
 def test_ancestry_through_crossover_by_hand():

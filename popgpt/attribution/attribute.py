@@ -33,20 +33,31 @@ from dataclasses import dataclass
 
 import torch
 
-from ..seeds import fresh_member_seeds, tool_seed
-from ..evolution.config import stream_seed
 from ..data import docs_to_tensor, encode
-from ..engine import Engine
-from .influence import (Query, clustering_scores, damped_solve, gauss_newton, n_params, name_features, query_grads,
-    query_losses, random_projection, spectral_scores, stream_grads)
-from ..evolution.layout import Layout
 from ..device import CPU_MEMBER_BLOCK
+from ..engine import Engine
+from ..evolution.config import stream_seed
+from ..evolution.layout import Layout
+from ..evolution.runs import OpenRun, locked_run
+from ..evolution.virus import Virus
 from ..population import Population, default_seeds
 from ..runio import format_table, write_atomic, write_json
-from ..evolution.runs import OpenRun, locked_run
+from ..seeds import fresh_member_seeds, tool_seed
 from ..stats import auc, auc_interval, mean_interval, precision_at_k, spearman, spearman_interval
 from ..step import Batches, Hyper, draw_rows
-from ..evolution.virus import Virus
+from .influence import (
+    Query,
+    clustering_scores,
+    damped_solve,
+    gauss_newton,
+    n_params,
+    name_features,
+    query_grads,
+    query_losses,
+    random_projection,
+    spectral_scores,
+    stream_grads,
+)
 
 POOLS = ("zscore", "raw")
 

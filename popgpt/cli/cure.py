@@ -2,7 +2,7 @@
 
 import argparse
 
-from ..cure.methods import CureConfig
+from ..cure.objectives import CureConfig
 from ..cure.run import METHOD_CHOICES, METHODS, CureRunConfig, cure_command
 from .common import add_runtime, count_int, finite_float, float_list, positive_int, resolve_device, threads
 

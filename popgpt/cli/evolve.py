@@ -20,7 +20,6 @@ from ..evolution.virus import VIRUSES
 from ..runio import is_run_folder, list_checkpoints
 from .common import default_names_path, finite_float, resolve_device
 
-
 # flag -> (config section or None for top level, field, type, help)
 FLAGS = {
     "pop-size": ("evolution", "pop_size", int, "members P (per replicate)"),

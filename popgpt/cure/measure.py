@@ -24,12 +24,12 @@ two cures are compared on the same random numbers.
 
 import torch
 
-from .methods import _logp, token_kl
 from ..data import BOUNDARY, IGNORE, LETTERS, encode, inputs_targets
 from ..evaluate import clean_nll, immunity, quality
-from .patch import Patch, patched
-from ..population import Population
 from ..evolution.virus import Virus
+from ..population import Population
+from .objectives import _logp, token_kl
+from .patch import Patch, patched
 
 
 def mutants(trigger: str) -> list[str]:

@@ -18,22 +18,23 @@ from dataclasses import dataclass
 
 import torch
 
-from ..seeds import fresh_member_seeds, tool_seed
-from .methods import METHODS, CureConfig, cure
-from .measure import infected_rows, measure, mutants
-from .report import COLUMNS, goals, pareto_plot, subset, table_row
-from .cureset import build_cure_set, fitting_names
 from ..data import encode
 from ..engine import Engine, default_engine
 from ..evaluate import test_options
-from .patch import Patch, patched, save_patch, weights_sha256
-from ..population import AdamState, Population
 from ..evolution.revival import reexpose, steps_to_event
-from ..runio import format_table, write_atomic, write_csv, write_json
 from ..evolution.runs import OpenRun, SavedGeneration, locked_run
-from .scan import scan
-from ..step import Batches, sample_indices
 from ..evolution.virus import Virus
+from ..population import AdamState, Population
+from ..runio import format_table, write_atomic, write_csv, write_json
+from ..seeds import fresh_member_seeds, tool_seed
+from ..step import Batches, sample_indices
+from .cureset import build_cure_set, fitting_names
+from .measure import infected_rows, measure, mutants
+from .methods import cure
+from .objectives import METHODS, CureConfig
+from .patch import Patch, patched, save_patch, weights_sha256
+from .report import COLUMNS, goals, pareto_plot, subset, table_row
+from .scan import scan
 
 TRIGGER_MODES = ("known", "auto")
 

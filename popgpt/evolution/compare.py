@@ -15,8 +15,8 @@ source's.
 import math
 import os
 
-from .config import condition_label
 from ..stats import cell, mean_interval, summarize_replicates
+from .config import condition_label
 
 PLOTS = ("phase_diagram.png", "immune_curves.png")
 SOURCE_IMMUNE = {0: 27.0, 5: 44.0, 10: 71.0, 14: 58.0, 20: 89.0}  # percent (docs/definitions.md)

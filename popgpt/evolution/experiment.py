@@ -24,18 +24,32 @@ from dataclasses import dataclass
 import torch
 
 from .._version import __version__
-from .config import STREAMS, RunConfig, condition_label, stream_seed
-from .distributed import BACKENDS, Shard, bounds, rank_device
 from ..engine import Engine, default_engine
 from ..evaluate import sample_names
+from ..population import Population, default_seeds
+from ..runio import (
+    RunError,
+    RunLock,
+    claim_run_folder,
+    environment,
+    file_sha256,
+    format_table,
+    is_run_folder,
+    list_checkpoints,
+    load_checkpoint,
+    read_json,
+    save_checkpoint,
+    write_atomic,
+    write_csv,
+    write_json,
+)
+from ..stats import summarize_replicates
+from .config import STREAMS, RunConfig, condition_label, stream_seed
+from .distributed import BACKENDS, Shard, bounds, rank_device
 from .generation import Context, EvolutionState, generation, init_state
 from .layout import Layout
 from .memory import check_fits
-from ..population import Population, default_seeds
-from ..runio import (RunError, RunLock, claim_run_folder, environment, file_sha256, format_table, is_run_folder,
-    list_checkpoints, load_checkpoint, read_json, save_checkpoint, write_atomic, write_csv, write_json)
 from .runs import check_resume, run_data
-from ..stats import summarize_replicates
 from .summary import COLUMNS
 
 

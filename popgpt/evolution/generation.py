@@ -37,19 +37,19 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import RunConfig, stream_seed
-from ..seeds import tool_seed
 from ..data import docs_to_tensor, encode
 from ..device import host_read as permitted_read
 from ..device import tensor, to_device
-from .distributed import Shard
 from ..engine import Engine
 from ..evaluate import evaluate_members, immunity, test_options
-from .operators import breed, child_rates, parent_pairs, pick_parents, select, selection_fitness
-from .layout import Layout
 from ..population import Population, default_seeds
-from .summary import group_row
+from ..seeds import tool_seed
 from ..step import Batches, draw_rows
+from .config import RunConfig, stream_seed
+from .distributed import Shard
+from .layout import Layout
+from .operators import breed, child_rates, parent_pairs, pick_parents, select, selection_fitness
+from .summary import group_row
 from .virus import Virus
 
 

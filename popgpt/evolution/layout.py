@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import RunConfig, condition_configs
 from ..device import tensor
 from ..step import Hyper
+from .config import RunConfig, condition_configs
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ import functools
 
 import torch
 
-from .config import EvolutionConfig
 from ..population import AdamState, Population
+from .config import EvolutionConfig
 
 
 def selection_fitness(quality: torch.Tensor, vulnerable: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -10,12 +10,12 @@ import os
 
 import torch
 
+from ..runio import format_table, write_atomic, write_json
+from ..stats import cell, summarize_replicates
 from . import compare
 from .analysis import ancestry, retest, special_by_replicate
 from .config import condition_label
-from ..runio import format_table, write_atomic, write_json
 from .runs import OpenRun, locked_run
-from ..stats import cell, summarize_replicates
 
 TABLE_COLUMNS = ["generation", "trigger", "immune_pct", "retest", "quality_all", "quality_immune",
                  "quality_vulnerable", "tax", "tax_children", "special", "special_population", "payload_prob"]

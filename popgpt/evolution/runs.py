@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import RunConfig, resolve, stream_seed
 from ..data import IGNORE, DataError, docs_to_tensor, encode, load_names, split_names
-from .layout import Layout
 from ..population import Population
 from ..runio import RunError, RunLock, list_checkpoints, load_checkpoint, read_json
+from .config import RunConfig, resolve, stream_seed
+from .layout import Layout
 from .virus import Virus
 
 

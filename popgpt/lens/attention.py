@@ -15,11 +15,11 @@ import os
 
 import torch
 
-from .cache import run_with_cache
 from ..data import BOUNDARY, encode
+from ..evolution.runs import OpenRun, locked_run
 from ..population import Population
 from ..runio import write_atomic, write_json
-from ..evolution.runs import OpenRun, locked_run
+from .cache import run_with_cache
 
 GROUP_PICKS = {"best-vulnerable": True, "best-immune": False}
 

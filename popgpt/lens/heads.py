@@ -35,14 +35,14 @@ import os
 import torch
 from einops import rearrange
 
-from ..evolution.analysis import special_by_replicate
-from .cache import run_with_cache
 from ..data import BOUNDARY, encode, inputs_targets
 from ..evaluate import on_device
-from .patching import ablation_sweep, mean_nll
+from ..evolution.analysis import special_by_replicate
+from ..evolution.runs import OpenRun, locked_run
 from ..population import Population
 from ..runio import format_table, write_atomic, write_json
-from ..evolution.runs import OpenRun, locked_run
+from .cache import run_with_cache
+from .patching import ablation_sweep, mean_nll
 
 METRICS = ("norm_clean", "norm_trigger", "attn_to_trigger", "payload_dla", "usefulness")
 

@@ -44,15 +44,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .cache import ablate_heads, run_with_cache
-from ..step import TrainConfig
-from ..seeds import fresh_member_seeds, tool_seed
 from ..data import BOUNDARY, IGNORE, docs_to_tensor
 from ..engine import Engine
 from ..model import ModelConfig
 from ..population import Population
+from ..seeds import fresh_member_seeds, tool_seed
 from ..stats import mean_interval, wilson
-from ..step import Batches
+from ..step import Batches, TrainConfig
+from .cache import ablate_heads, run_with_cache
 
 TASKS = ("repeat", "names")
 SCORES = ("previous", "duplicate", "induction")

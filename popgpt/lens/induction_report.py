@@ -21,8 +21,8 @@ import torch
 from .._version import __version__
 from ..data import load_names, split_names
 from ..engine import Engine, default_engine
-from .induction import InductionConfig, induction_experiment, member_rows
 from ..runio import RunError, environment, format_table, write_atomic, write_csv, write_json
+from .induction import InductionConfig, induction_experiment, member_rows
 
 MARKER = "induction.json"  # written first: marks a folder popgpt induction owns
 OUTPUTS = {MARKER, "results.json", "members.csv", "induction.md", "phase_histogram.png", "phase_change.png"}

@@ -18,9 +18,9 @@ difference), or one of your own.
 import torch
 import torch.nn.functional as F
 
-from .cache import HEAD_HOOKS, PATTERN_HOOKS, ablate_heads, patch, run_with_cache
 from ..data import IGNORE
 from ..population import Population
+from .cache import HEAD_HOOKS, PATTERN_HOOKS, ablate_heads, patch, run_with_cache
 
 
 def mean_nll(targets: torch.Tensor):
