@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import (base_parser, describe, environment, markdown_table, setup,  # noqa: E402
                                sync, write_results)
-from popgpt.cure import methods as cure_module  # noqa: E402
+from popgpt.cure import methods, objectives, subspace  # noqa: E402
 from popgpt.cure.objectives import METHODS, CureConfig  # noqa: E402
 from popgpt.cure.report import goals as goal_checks  # noqa: E402
 from popgpt.cure.run import CureRunConfig, cure_tables  # noqa: E402
@@ -42,7 +42,10 @@ PHASES = {"contrast_directions": "sourcing", "reference_logp": "reference", "_op
 def phase_timer(device):
     """Seconds spent in each phase function of popgpt.cure while the block runs (device synchronised)."""
     spent = {name: 0.0 for name in PHASES.values()}
-    originals = {f: getattr(cure_module, f) for f in PHASES}
+    # a phase function is called from the module that imported it: wrap it wherever it is bound
+    bound = [(m, f) for m in (objectives, subspace, methods) for f in PHASES if hasattr(m, f)]
+    originals = {(m, f): getattr(m, f) for m, f in bound}
+    wrapped = {}
 
     def wrap(fn, phase):
         def timed_call(*args, **kwargs):
@@ -54,13 +57,14 @@ def phase_timer(device):
             return out
         return timed_call
 
-    for f, phase in PHASES.items():
-        setattr(cure_module, f, wrap(originals[f], phase))
+    for m, f in bound:
+        fn = originals[(m, f)]
+        setattr(m, f, wrapped.setdefault(fn, wrap(fn, PHASES[f])))
     try:
         yield spent
     finally:
-        for f, fn in originals.items():
-            setattr(cure_module, f, fn)
+        for (m, f), fn in originals.items():
+            setattr(m, f, fn)
 
 
 def main(argv=None) -> int:
