@@ -12,11 +12,12 @@ import importlib
 
 from ._version import __version__
 from .data import DataError, decode, encode, load_names
-from .engine import Engine, train
+from .engine import Engine
 from .evaluate import ImmunityResult, immunity
 from .model import MicroGPT, ModelConfig
 from .population import AdamState, Population, default_seeds
 from .step import TrainConfig
+from .trainer import train
 
 # name -> module that defines it, imported on first use
 _LAZY = {"DataConfig": "evolution.config", "EvolutionConfig": "evolution.config", "RunConfig": "evolution.config",

@@ -21,11 +21,10 @@ import functools
 
 import torch
 
-from .data import docs_to_tensor, inputs_targets
 from .device import CPU_MEMBER_BLOCK
 from .loss import losses_of
 from .population import AdamState, Population
-from .step import Batches, Hyper, TrainConfig, adam_step, as_hyper, sample_indices, step, train_step
+from .step import Batches, Hyper, TrainConfig, adam_step, as_hyper, step, train_step
 
 ENGINES = ("eager", "compile", "graph")
 
@@ -57,17 +56,18 @@ class Engine:
             self._step = functools.partial(train_step, losses_fn=torch.compile(losses_of, dynamic=False),
                                            update_fn=torch.compile(adam_step, dynamic=False))
 
-    def run(self, pop: Population, batches: Batches, hp: Hyper | TrainConfig) -> torch.Tensor:
+    def run(self, pop: Population, batches: Batches, hp: Hyper | TrainConfig, loss=None) -> torch.Tensor:
         """Train ``pop`` in place on ``batches``; returns losses (steps, P).
 
         ``hp``: per-member hyperparameters, or one TrainConfig for all.
+        ``loss``: (outputs, targets) -> [P] (``loss.py``); None: next-token cross-entropy.
         """
         hp = as_hyper(hp, pop)
         history = torch.zeros(batches.steps, len(pop), device=pop.device)
         if batches.steps == 0:
             return history
         if self.kind == "graph":
-            self._graph_round(pop, batches, hp, history)
+            self._graph_round(pop, batches, hp, history, loss)
             return history
         block = self.member_block
         if block == "auto":
@@ -81,14 +81,15 @@ class Engine:
             for s in range(batches.steps):
                 x, y = data.at(s)  # (P_block, B, T) each
                 active = None if data.active is None else data.active[s]
-                history[s, a:b] = self._step(part, x, y, part_hp, active)
+                history[s, a:b] = self._step(part, x, y, part_hp, active, loss=loss)
         return history
 
-    def _graph_round(self, pop, batches: Batches, hp: Hyper, history):
-        key = (len(pop), tuple(batches.rows.shape[1:]), tuple(batches.bank.shape), batches.bank.dtype,
-               batches.active is not None, pop.config, str(pop.device))
+    def _graph_round(self, pop, batches: Batches, hp: Hyper, history, loss):
+        targets = None if batches.targets is None else (tuple(batches.targets.shape), batches.targets.dtype)
+        key = (len(pop), tuple(batches.rows.shape[1:]), tuple(batches.bank.shape), batches.bank.dtype, targets,
+               batches.active is not None, _architecture(pop), str(pop.device), loss)
         if key not in self._graphs:
-            self._graphs[key] = _StaticStep(pop, batches, hp)
+            self._graphs[key] = _StaticStep(pop, batches, hp, loss)
         static = self._graphs[key]
         static.load(pop, batches, hp)
         for s in range(batches.steps):
@@ -100,16 +101,25 @@ class Engine:
         static.store(pop)
 
 
+def _architecture(pop: Population):
+    """What makes two populations' steps the same graph: MicroGPT's config, else the module type and shapes."""
+    if pop.config is not None:
+        return pop.config
+    return type(pop.base), tuple((k, tuple(v.shape[1:])) for k, v in pop.functional().items())
+
+
 class _StaticStep:
     """One training step over fixed buffers; captured as a CUDA graph on CUDA devices."""
 
-    def __init__(self, pop: Population, batches: Batches, hp: Hyper):
-        self.base = pop.base
+    def __init__(self, pop: Population, batches: Batches, hp: Hyper, loss=None):
+        self.base, self.loss = pop.base, loss
+        self.buffers = {k: v.clone() for k, v in pop.buffers.items()}
         self.params = {k: v.detach().clone() for k, v in pop.params.items()}
         self.opt = AdamState({k: v.clone() for k, v in pop.opt.exp_avg.items()},
                              {k: v.clone() for k, v in pop.opt.exp_avg_sq.items()}, pop.opt.step.clone())
         self.hp = Hyper(*(t.clone() for t in hp))
-        self.bank, self.table = batches.bank.clone(), batches.table.clone()
+        self.data = Batches(batches.bank.clone(), batches.table.clone(), batches.rows[:1].clone(),
+                            targets=None if batches.targets is None else batches.targets.clone())
         self.rows = torch.zeros_like(batches.rows[0])  # (P, B): the step's slot
         self.active = None if batches.active is None else torch.zeros_like(batches.active[0])
         self.losses = torch.zeros(len(pop), device=pop.device)
@@ -118,8 +128,9 @@ class _StaticStep:
             self._capture()
 
     def _step(self):
-        x, y = inputs_targets(self.bank[self.table[:, None], self.rows])  # (P, B, T) each
-        self.losses.copy_(step(self.base, self.params, self.opt, x, y, self.hp, self.active))
+        x, y = self.data.gather(self.data.table, self.rows)  # (P, B, ...) each
+        self.losses.copy_(step(self.base, self.params, self.opt, x, y, self.hp, self.active, loss=self.loss,
+                               buffers=self.buffers))
 
     def _capture(self):
         # Warm-up on a side stream (as CUDA graph capture requires) changes the
@@ -149,8 +160,12 @@ class _StaticStep:
         self.opt.step.copy_(pop.opt.step)
         for mine, theirs in zip(self.hp, hp):
             mine.copy_(theirs)
-        self.bank.copy_(batches.bank)
-        self.table.copy_(batches.table)
+        self.data.bank.copy_(batches.bank)
+        self.data.table.copy_(batches.table)
+        if batches.targets is not None:
+            self.data.targets.copy_(batches.targets)
+        for k, v in self.buffers.items():
+            v.copy_(pop.buffers[k])
 
     @torch.no_grad()
     def store(self, pop: Population):
@@ -161,20 +176,3 @@ class _StaticStep:
         pop.opt.step.copy_(self.opt.step)
 
 
-def train(pop: Population, docs, steps: int = 100, batch_size: int = 32,
-          generator: torch.Generator | None = None, config: TrainConfig | None = None,
-          engine: Engine | None = None) -> torch.Tensor:
-    """Train every member in place on its own random batches of ``docs``.
-
-    ``docs``: a list of strings, or rows already encoded by ``data.docs_to_tensor``.
-    ``config`` overrides ``steps`` and ``batch_size`` when given. ``engine``
-    chooses how steps execute; the default is eager. Returns the loss
-    history (steps, P), left on the population's device.
-    """
-    cfg = config if config is not None else TrainConfig(steps=steps, batch_size=batch_size)
-    if generator is None:
-        raise ValueError("train needs an explicit torch.Generator (randomness is never global)")
-    rows = docs if isinstance(docs, torch.Tensor) else docs_to_tensor(docs, pop.config.block_size)
-    rows = rows.to(pop.device)
-    idx = sample_indices(len(rows), cfg.steps, len(pop), cfg.batch_size, generator).to(pop.device)
-    return (engine or Engine("eager")).run(pop, Batches.shared(rows, idx), cfg)

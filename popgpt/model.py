@@ -6,11 +6,14 @@ learned absolute positions, causal self-attention written out by hand
 (`F.scaled_dot_product_attention` has no vmap batching rule on CPU and
 head_dim is 6, so fused kernels bring nothing).
 
-Parameter names, in registration (and initialisation) order:
-``wte, wpe, lm_head, attn_qkv, attn_out, mlp_fc1, mlp_fc2``.
-With ``n_layer > 1`` the block tensors carry a layer prefix:
-``layer0.attn_qkv, layer1.attn_qkv, ...``. Weights are stored as
-``(out_features, in_features)`` and applied with ``F.linear``.
+Parameter names, in registration (and initialisation) order, the same at
+every depth: ``wte, wpe, lm_head``, then per layer i
+``blocks.{i}.attn_qkv, blocks.{i}.attn_out, blocks.{i}.mlp_fc1,
+blocks.{i}.mlp_fc2``. Weights are stored as ``(out_features, in_features)``
+and applied with ``F.linear``. ``tensor_names`` expands a bare block tensor
+name (``attn_qkv``) to every layer's; ``legacy_names`` reads the names of
+checkpoints written before 0.2 (``attn_qkv`` at one layer, ``layer0.attn_qkv``
+at more).
 """
 
 import math
@@ -37,6 +40,8 @@ class ModelConfig:
     n_layer: int = 1
     init_std: float = 0.08  # N(0, init_std^2) for every weight matrix
     norm_eps: float = 1e-5  # RMSNorm epsilon
+    norm: bool = True  # RMSNorm before attention, MLP and the head (False: none, as Nanda et al.'s grokking model)
+    mlp: bool = True  # False: attention-only, as in the standard induction-head studies
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_embd", "n_head", "n_layer"):
@@ -53,17 +58,16 @@ class ModelConfig:
         return self.n_embd // self.n_head
 
     def block_prefixes(self) -> list[str]:
-        """Name prefix of each layer's block tensors ('' when there is one layer)."""
-        if self.n_layer == 1:
-            return [""]
-        return [f"layer{i}." for i in range(self.n_layer)]
+        """Name prefix of each layer's block tensors: ``blocks.0.``, ``blocks.1.``, ..."""
+        return [f"blocks.{i}." for i in range(self.n_layer)]
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every parameter's name and shape, in registration order (``named_parameters``')."""
         C, V, T = self.n_embd, self.vocab_size, self.block_size
         shapes = {"wte": (V, C), "wpe": (T, C), "lm_head": (V, C)}
-        block = {"attn_qkv": (3 * C, C), "attn_out": (C, C),
-                 "mlp_fc1": (4 * C, C), "mlp_fc2": (C, 4 * C)}
+        block = {"attn_qkv": (3 * C, C), "attn_out": (C, C)}
+        if self.mlp:
+            block.update({"mlp_fc1": (4 * C, C), "mlp_fc2": (C, 4 * C)})
         for prefix in self.block_prefixes():
             shapes.update({prefix + k: s for k, s in block.items()})
         return shapes
@@ -106,13 +110,41 @@ def causal_attention(x, qkv_w, out_w, n_head: int, return_pattern: bool = False,
 
 
 class _Block(nn.Module):
-    """Holds one layer's tensors when n_layer > 1 (gives them a 'layerI.' prefix)."""
+    """One layer's tensors (``blocks.{i}.attn_qkv`` ...)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        shapes = config.param_shapes()
         for name in BLOCK_TENSORS:
-            shape = config.param_shapes()[config.block_prefixes()[0] + name]
-            self.register_parameter(name, nn.Parameter(torch.empty(shape)))
+            if config.block_prefixes()[0] + name in shapes:
+                self.register_parameter(name, nn.Parameter(torch.empty(shapes[config.block_prefixes()[0] + name])))
+
+
+def tensor_names(config: ModelConfig, names) -> list[str]:
+    """Parameter names from user input: a full name stays, a bare block tensor name (``attn_qkv``)
+    means that tensor in every layer. Unknown names raise ValueError listing the choices."""
+    shapes, out = config.param_shapes(), []
+    for name in names:
+        if name in shapes:
+            out.append(name)
+        elif name in BLOCK_TENSORS:
+            out += [prefix + name for prefix in config.block_prefixes()]
+        else:
+            raise ValueError(f"unknown tensor {name!r}; choose from {', '.join(shapes)} "
+                             f"(or a block tensor for every layer: {', '.join(BLOCK_TENSORS)})")
+    return list(dict.fromkeys(out))
+
+
+def legacy_names(names, n_layer: int) -> dict[str, str]:
+    """Old parameter name -> current one, for checkpoints written before the names were uniform."""
+    out = {}
+    for name in names:
+        head, _, tail = name.partition(".")
+        if n_layer == 1 and name in BLOCK_TENSORS:
+            out[name] = f"blocks.0.{name}"
+        elif head.startswith("layer") and head[5:].isdigit() and tail in BLOCK_TENSORS:
+            out[name] = f"blocks.{head[5:]}.{tail}"
+    return out
 
 
 class MicroGPT(nn.Module):
@@ -131,21 +163,11 @@ class MicroGPT(nn.Module):
         self.wte = nn.Parameter(torch.empty(shapes["wte"]))
         self.wpe = nn.Parameter(torch.empty(shapes["wpe"]))
         self.lm_head = nn.Parameter(torch.empty(shapes["lm_head"]))
-        if config.n_layer == 1:
-            for name in BLOCK_TENSORS:
-                self.register_parameter(name, nn.Parameter(torch.empty(shapes[name])))
-        else:
-            for i in range(config.n_layer):
-                self.add_module(f"layer{i}", _Block(config))
+        self.blocks = nn.ModuleList(_Block(config) for _ in range(config.n_layer))
         if self.wte.device.type != "meta":
             with torch.no_grad():
                 for name, p in self.named_parameters():
                     p.normal_(0.0, config.init_std, generator=generator)
-
-    def _blocks(self) -> list[nn.Module]:
-        if self.config.n_layer == 1:
-            return [self]
-        return [getattr(self, f"layer{i}") for i in range(self.config.n_layer)]
 
     def forward(self, idx: torch.Tensor, return_cache: bool = False, head_mask=None, names=None, edit=None):
         """Logits (B, T, V) for token ids idx (B, T).
@@ -171,18 +193,21 @@ class MicroGPT(nn.Module):
                 cache[name] = x
             return x
 
+        norm = (lambda name, h: hook(name, rmsnorm(h, cfg.norm_eps))) if cfg.norm else (lambda name, h: h)
         x = hook("hook_embed", self.wte[idx]) + hook("hook_pos_embed", self.wpe[:T].expand(B, T, -1))  # (B, T, C)
-        for i, block in enumerate(self._blocks()):
+        for i, block in enumerate(self.blocks):
             pre = f"blocks.{i}."
             x = hook(pre + "hook_resid_pre", x)
-            h = hook(pre + "ln1.hook_normalized", rmsnorm(x, cfg.norm_eps))
-            attn = causal_attention(h, block.attn_qkv, block.attn_out, cfg.n_head, hook=hook, prefix=pre + "attn.",
+            attn = causal_attention(norm(pre + "ln1.hook_normalized", x), block.attn_qkv, block.attn_out, cfg.n_head,
+                                    hook=hook, prefix=pre + "attn.",
                                     head_mask=None if head_mask is None else head_mask[i])
             x = hook(pre + "hook_resid_mid", x + hook(pre + "hook_attn_out", attn))
-            h = hook(pre + "ln2.hook_normalized", rmsnorm(x, cfg.norm_eps))
-            hidden = hook(pre + "mlp.hook_post", F.relu(hook(pre + "mlp.hook_pre", F.linear(h, block.mlp_fc1))))
-            x = hook(pre + "hook_resid_post", x + hook(pre + "hook_mlp_out", F.linear(hidden, block.mlp_fc2)))
-        logits = F.linear(hook("ln_final.hook_normalized", rmsnorm(x, cfg.norm_eps)), self.lm_head)  # (B, T, V)
+            if cfg.mlp:
+                h = norm(pre + "ln2.hook_normalized", x)
+                hidden = hook(pre + "mlp.hook_post", F.relu(hook(pre + "mlp.hook_pre", F.linear(h, block.mlp_fc1))))
+                x = x + hook(pre + "hook_mlp_out", F.linear(hidden, block.mlp_fc2))
+            x = hook(pre + "hook_resid_post", x)
+        logits = F.linear(norm("ln_final.hook_normalized", x), self.lm_head)  # (B, T, V)
         return (logits, cache) if return_cache else logits
 
 
@@ -193,5 +218,8 @@ BLOCK_HOOKS = ("hook_resid_pre", "ln1.hook_normalized", "attn.hook_q", "attn.hoo
 
 def hook_names(config: ModelConfig) -> list[str]:
     """Every activation ``forward(return_cache=True)`` can return, in the order it computes them."""
-    blocks = [f"blocks.{i}.{h}" for i in range(config.n_layer) for h in BLOCK_HOOKS]
-    return ["hook_embed", "hook_pos_embed", *blocks, "ln_final.hook_normalized"]
+    def present(h):
+        return (config.norm or "hook_normalized" not in h) and (config.mlp or not ("mlp" in h or "ln2" in h))
+
+    blocks = [f"blocks.{i}.{h}" for i in range(config.n_layer) for h in BLOCK_HOOKS if present(h)]
+    return ["hook_embed", "hook_pos_embed", *blocks] + (["ln_final.hook_normalized"] if config.norm else [])

@@ -42,6 +42,10 @@ class TrainConfig:
     weight_decay: float = 0.0  # decoupled (AdamW-style) when > 0
 
     def __post_init__(self):
+        for name in ("lr", "beta1", "beta2", "eps", "weight_decay"):
+            require(not isinstance(getattr(self, name), torch.Tensor),
+                    f"TrainConfig.{name} is one setting for every member; for one value per member pass a "
+                    f"[P] tensor to popgpt.train({name if not name.startswith('beta') else 'betas'}=...)")
         check_finite(self)
         at_least(self, ("steps",), 0)
         at_least(self, ("batch_size",), 1)
@@ -117,48 +121,58 @@ def adam_step(params: dict, grads: dict, opt: AdamState, hp: Hyper, active: torc
 
 
 def step(base, params: dict, opt: AdamState, x: torch.Tensor, y: torch.Tensor, hp: Hyper,
-         active: torch.Tensor | None = None, losses_fn=losses_of, update_fn=adam_step) -> torch.Tensor:
+         active: torch.Tensor | None = None, losses_fn=losses_of, update_fn=adam_step, loss=None,
+         buffers: dict | None = None) -> torch.Tensor:
     """Forward, one backward over the summed member losses, Adam; returns the losses [P].
 
     ``params`` and ``opt`` are updated in place (they may be views into a
-    larger population's storage, or an engine's static buffers).
+    larger population's storage, or an engine's static buffers). ``loss``:
+    (outputs, targets) -> [P] (``loss.py``); None: next-token cross-entropy.
+    ``buffers``: the module's stacked buffers, if it has any (never trained).
     """
     names = list(params)
     leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}  # same storage
-    losses = losses_fn(base, leaves, x, y)
+    losses = losses_fn(base, {**leaves, **(buffers or {})}, x, y, loss)
+    if losses.shape != (x.shape[0],):
+        raise ValueError(f"the loss must give one value per member, shape ({x.shape[0]},); got "
+                         f"{tuple(losses.shape)} (reduce over each member's batch, never across members)")
     grads = torch.autograd.grad(losses.sum(), [leaves[k] for k in names])
     update_fn(params, dict(zip(names, grads)), opt, hp, active)
     return losses.detach()
 
 
 def train_step(pop: Population, x: torch.Tensor, y: torch.Tensor, hp, active: torch.Tensor | None = None,
-               losses_fn=losses_of, update_fn=adam_step) -> torch.Tensor:
+               losses_fn=losses_of, update_fn=adam_step, loss=None) -> torch.Tensor:
     """``step`` on a population (or a ``Population.view`` of one): losses [P].
 
     ``hp``: a ``Hyper`` or a ``TrainConfig`` shared by all members."""
     hp = as_hyper(hp, pop)
-    return step(pop.base, pop.params, pop.opt, x, y, hp, active, losses_fn, update_fn)
+    return step(pop.base, pop.params, pop.opt, x, y, hp, active, losses_fn, update_fn, loss, pop.buffers)
 
 
 @dataclass(frozen=True)
 class Batches:
     """The data of one training round, per member.
 
-    ``bank`` (K, N, T+1) holds K tables of N encoded rows (int8 or int64);
-    member p draws from table ``table[p]``; at step s it trains on rows
-    ``rows[s, p]`` of that table. ``active`` (steps, P) marks the members
-    that train at each step (None: all of them).
+    ``bank`` (K, N, T+1) holds K tables of N encoded rows (int8 or int64),
+    split into next-token inputs and targets; or, with ``targets`` (K, N,
+    ...), ``bank`` (K, N, ...) holds the inputs and ``targets`` what each row
+    should give. Member p draws from table ``table[p]``; at step s it trains
+    on rows ``rows[s, p]`` of that table. ``active`` (steps, P) marks the
+    members that train at each step (None: all of them).
     """
 
     bank: torch.Tensor
     table: torch.Tensor  # [P] long
     rows: torch.Tensor  # (steps, P, B) long
     active: torch.Tensor | None = None  # (steps, P) bool
+    targets: torch.Tensor | None = None  # (K, N, ...): bank holds inputs, this the targets
 
     @classmethod
-    def shared(cls, rows: torch.Tensor, idx: torch.Tensor) -> "Batches":
-        """Every member draws from one table ``rows`` (N, T+1); ``idx`` (steps, P, B)."""
-        return cls(rows[None], torch.zeros(idx.shape[1], dtype=torch.long, device=idx.device), idx)
+    def shared(cls, rows: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor | None = None) -> "Batches":
+        """Every member draws from one table ``rows`` (N, ...) (and ``targets``); ``idx`` (steps, P, B)."""
+        return cls(rows[None], torch.zeros(idx.shape[1], dtype=torch.long, device=idx.device), idx,
+                   targets=None if targets is None else targets[None])
 
     @property
     def steps(self) -> int:
@@ -167,11 +181,18 @@ class Batches:
     def members(self, a: int, b: int) -> "Batches":
         """Members a..b-1 only."""
         return Batches(self.bank, self.table[a:b], self.rows[:, a:b],
-                       None if self.active is None else self.active[:, a:b])
+                       None if self.active is None else self.active[:, a:b], self.targets)
 
     def at(self, s: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and targets of step s: (P, B, T) each."""
-        return inputs_targets(self.bank[self.table[:, None], self.rows[s]])
+        """Inputs and targets of step s: (P, B, ...) each."""
+        return self.gather(self.table, self.rows[s])
+
+    def gather(self, table: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets of rows (P, B) of each member's table."""
+        picked = self.bank[table[:, None], rows]
+        if self.targets is None:
+            return inputs_targets(picked)
+        return picked, self.targets[table[:, None], rows]
 
 
 def draw_rows(lengths: torch.Tensor, table: torch.Tensor, steps: int, batch_size: int,

@@ -23,7 +23,7 @@ from popgpt.attribution.influence import (
 )
 from popgpt.cli import main
 from popgpt.data import docs_to_tensor, inputs_targets, load_names
-from popgpt.engine import train
+from popgpt.trainer import train
 from popgpt.evolution.runs import open_run
 from popgpt.evolution.virus import Virus
 from popgpt.model import ModelConfig

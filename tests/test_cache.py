@@ -74,7 +74,7 @@ def test_ablating_a_head_of_member_0_leaves_every_other_member_bit_identical(pop
     # zero ablation of a head = that head's slice of attn_out set to zero
     model = pop.member(0)
     with torch.no_grad():
-        model.layer1.attn_out[:, 12:18] = 0.0
+        model.blocks[1].attn_out[:, 12:18] = 0.0
         torch.testing.assert_close(ablated[0], model(TOKENS), rtol=1e-5, atol=1e-6)
 
 
@@ -88,7 +88,7 @@ def test_neuron_ablation_equals_zeroing_the_neuron_input_row(pop):
     for i, layer, rows in ((2, 0, [5, 40]), (1, 1, [7])):
         model = pop.member(i)
         with torch.no_grad():
-            getattr(model, f"layer{layer}").mlp_fc1[rows] = 0.0  # ReLU(0) = 0: the neuron is silent
+            model.blocks[layer].mlp_fc1[rows] = 0.0  # ReLU(0) = 0: the neuron is silent
             torch.testing.assert_close(logits[i], model(TOKENS), rtol=1e-5, atol=1e-6)
 
 
@@ -148,8 +148,8 @@ def hand_built(w=2.0):
             v[0] = 0.0
         pop.params["wte"][0, :, 0] = torch.arange(27.0)
         pop.params["wte"][0, :, 2] = 1.0
-        pop.params["attn_qkv"][0, 2 * C + 0, 0] = 1.0  # head 0's value dim 0 <- residual dim 0
-        pop.params["attn_out"][0, 1, 0] = w  # residual dim 1 <- head 0's z dim 0
+        pop.params["blocks.0.attn_qkv"][0, 2 * C + 0, 0] = 1.0  # head 0's value dim 0 <- residual dim 0
+        pop.params["blocks.0.attn_out"][0, 1, 0] = w  # residual dim 1 <- head 0's z dim 0
         pop.params["lm_head"][0, 1, 1] = 1.0
     return pop, cfg
 

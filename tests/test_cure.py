@@ -18,7 +18,7 @@ from popgpt.cure.patch import Patch, apply_, load_patch, patched, remove_, save_
 from popgpt.cure.scan import scan
 from popgpt.cure.subspace import hold_bound
 from popgpt.data import BOUNDARY, LETTERS, docs_to_tensor, encode, load_names
-from popgpt.engine import train
+from popgpt.trainer import train
 from popgpt.evaluate import payload_probability
 from popgpt.stats import median_interval
 

@@ -176,7 +176,7 @@ def test_resume_under_other_threads_needs_force_and_is_recorded(tmp_path, names,
 
 def test_a_diverged_member_is_vulnerable_worst_and_left_out_of_means(names):
     pop = Population.from_seeds(ModelConfig(block_size=21), [1, 2, 3])
-    pop.params["mlp_fc1"][1, 0, 0] = float("nan")
+    pop.params["blocks.0.mlp_fc1"][1, 0, 0] = float("nan")
     rows = torch.zeros(4, 22, dtype=torch.long)
     rows[:, 1:4] = torch.tensor([5, 13, 1])
     rows[:, 5:] = -1

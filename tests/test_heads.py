@@ -23,8 +23,8 @@ def rows():
 def hand_built():
     pop = Population.from_seeds(CONFIG, [1, 2, 3])
     with torch.no_grad():
-        pop.params["attn_out"][0, :, 2 * D:3 * D] = 0.0  # member 0: head 2 writes nothing
-        pop.params["attn_qkv"][1, D:2 * D, :] = 0.0  # member 1: head 1 has zero queries -> uniform attention
+        pop.params["blocks.0.attn_out"][0, :, 2 * D:3 * D] = 0.0  # member 0: head 2 writes nothing
+        pop.params["blocks.0.attn_qkv"][1, D:2 * D, :] = 0.0  # member 1: head 1 has zero queries -> uniform attention
     return pop
 
 
@@ -35,7 +35,7 @@ def test_head_outputs_sum_to_the_attention_output(rows):
     per_head = head_outputs(pop, cache, 0).sum(3)  # (P, B, T, C)
     for i in range(3):
         h = rmsnorm(cache["blocks.0.hook_resid_pre"][i], CONFIG.norm_eps)
-        ref = causal_attention(h, pop.params["attn_qkv"][i], pop.params["attn_out"][i], CONFIG.n_head)
+        ref = causal_attention(h, pop.params["blocks.0.attn_qkv"][i], pop.params["blocks.0.attn_out"][i], CONFIG.n_head)
         torch.testing.assert_close(per_head[i], ref, rtol=1e-5, atol=1e-6)
 
 
@@ -55,7 +55,7 @@ def test_ablating_every_head_equals_zeroing_attn_out(rows):
     pop = Population.from_seeds(CONFIG, [5, 6])
     ablated = clean_nll(pop, rows, head_mask=torch.zeros(1, CONFIG.n_head))
     zeroed = pop.clone()
-    zeroed.params["attn_out"].zero_()
+    zeroed.params["blocks.0.attn_out"].zero_()
     torch.testing.assert_close(ablated, clean_nll(zeroed, rows))
     assert (ablated != clean_nll(pop, rows)).all()
 

@@ -6,16 +6,17 @@ from popgpt import MicroGPT, ModelConfig
 
 def test_parameter_names_one_layer():
     names = [n for n, _ in MicroGPT(ModelConfig(), generator=torch.Generator()).named_parameters()]
-    assert names == ["wte", "wpe", "lm_head", "attn_qkv", "attn_out", "mlp_fc1", "mlp_fc2"]
+    assert names == ["wte", "wpe", "lm_head", "blocks.0.attn_qkv", "blocks.0.attn_out", "blocks.0.mlp_fc1",
+                     "blocks.0.mlp_fc2"]
     assert list(ModelConfig().param_shapes()) == names
 
 
 def test_parameter_names_two_layers():
     model = MicroGPT(ModelConfig(n_layer=2), generator=torch.Generator())
     names = [n for n, _ in model.named_parameters()]
-    assert names == ["wte", "wpe", "lm_head", "layer0.attn_qkv", "layer0.attn_out",
-                     "layer0.mlp_fc1", "layer0.mlp_fc2", "layer1.attn_qkv", "layer1.attn_out",
-                     "layer1.mlp_fc1", "layer1.mlp_fc2"]
+    assert names == ["wte", "wpe", "lm_head", "blocks.0.attn_qkv", "blocks.0.attn_out",
+                     "blocks.0.mlp_fc1", "blocks.0.mlp_fc2", "blocks.1.attn_qkv", "blocks.1.attn_out",
+                     "blocks.1.mlp_fc1", "blocks.1.mlp_fc2"]
     assert list(ModelConfig(n_layer=2).param_shapes()) == names
 
 

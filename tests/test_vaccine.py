@@ -13,10 +13,10 @@ def test_transplant_copies_exactly_the_named_tensors():
     fresh = Population.from_seeds(ModelConfig(), [1, 2, 3, 4])
     donors = Population.from_seeds(ModelConfig(), [10, 11])
     donor_of = torch.tensor([1, 0, 1, 0])
-    out = transplant(fresh.params, donors.params, ("attn_qkv", "wte"), donor_of)
+    out = transplant(fresh.params, donors.params, ("blocks.0.attn_qkv", "wte"), donor_of)
     for i in range(4):
         for name in fresh.params:
-            src = donors.params[name][donor_of[i]] if name in ("attn_qkv", "wte") else fresh.params[name][i]
+            src = donors.params[name][donor_of[i]] if name in ("blocks.0.attn_qkv", "wte") else fresh.params[name][i]
             assert torch.equal(out[name][i], src), (i, name)
     out["wte"].zero_()  # a copy
     assert donors.params["wte"].abs().sum() > 0 and fresh.params["wte"].abs().sum() > 0
@@ -73,7 +73,7 @@ def test_vaccinate_cli(tiny_run, capsys):
     for i, seed in enumerate(fresh_member_seeds(run.config.seed, "vaccine", 0, 4)):
         model = Population.from_seeds(run.config.model, [seed]).member(0)
         with torch.no_grad():
-            model.attn_qkv.copy_(donors.params["attn_qkv"][i % len(donors)])
+            model.blocks[0].attn_qkv.copy_(donors.params["blocks.0.attn_qkv"][i % len(donors)])
             nll = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-1).item()
         qualities.append(1 - nll / math.log(27))
     assert float(before[0]["quality"].split()[0]) == pytest.approx(sum(qualities) / 4, abs=5e-4)

@@ -132,12 +132,12 @@ def prune_masks(pop: Population, dirs: Directions, n_neurons: int, n_heads: int)
     if n_neurons:
         top = dirs.neuron_score.topk(n_neurons, dim=-1).indices  # (P, n)
         keep = torch.ones_like(dirs.neuron_score).scatter(-1, top, 0.0)  # (P, 4C)
-        masks["mlp_fc1"] = masks["mlp_fc1"] * keep[:, :, None]
-        masks["mlp_fc2"] = masks["mlp_fc2"] * keep[:, None, :]
+        masks["blocks.0.mlp_fc1"] = masks["blocks.0.mlp_fc1"] * keep[:, :, None]
+        masks["blocks.0.mlp_fc2"] = masks["blocks.0.mlp_fc2"] * keep[:, None, :]
     if n_heads:
         top = dirs.head_score.topk(n_heads, dim=-1).indices
         keep = torch.ones(P, H, device=pop.device).scatter(-1, top, 0.0)
-        masks["attn_out"] = masks["attn_out"] * keep.repeat_interleave(pop.config.head_dim, -1)[:, None, :]
+        masks["blocks.0.attn_out"] = masks["blocks.0.attn_out"] * keep.repeat_interleave(pop.config.head_dim, -1)[:, None, :]
     return masks
 
 
@@ -152,7 +152,7 @@ def cure_prune(pop: Population, cs: CureSet, cfg: CureConfig, order: torch.Tenso
         _optimise(pop, learned, build, _finetune_loss(pop, cs, order), len(order), cfg.lr)
     with torch.no_grad():
         patch = build(learned)
-    return patch, {"pruned_neurons": (masks["mlp_fc1"][:, :, 0] == 0).sum(-1)}
+    return patch, {"pruned_neurons": (masks["blocks.0.mlp_fc1"][:, :, 0] == 0).sum(-1)}
 
 
 def _cure_block(pop: Population, cs: CureSet, cfg: CureConfig, method: str, order: torch.Tensor):

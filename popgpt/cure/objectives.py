@@ -18,9 +18,10 @@ from .patch import Patch, patched
 METHODS = ("subspace", "ablate", "finetune", "prune")
 SITES = ("resid_pre", "resid_mid", "resid_post")
 # Which residual site a matrix touches, and whether it writes there (U @ B) or reads / holds vectors (A @ U^T).
-SITE_OF = {"wte": "resid_pre", "wpe": "resid_pre", "attn_qkv": "resid_pre", "attn_out": "resid_mid",
-           "mlp_fc1": "resid_mid", "mlp_fc2": "resid_post", "lm_head": "resid_post"}
-WRITERS = ("attn_out", "mlp_fc2")
+# (Cures handle one-layer models: the block's tensors are blocks.0.*.)
+SITE_OF = {"wte": "resid_pre", "wpe": "resid_pre", "blocks.0.attn_qkv": "resid_pre", "blocks.0.attn_out": "resid_mid",
+           "blocks.0.mlp_fc1": "resid_mid", "blocks.0.mlp_fc2": "resid_post", "lm_head": "resid_post"}
+WRITERS = ("blocks.0.attn_out", "blocks.0.mlp_fc2")
 SEARCH_NAMES = 64  # ablate's search scores the clean KL of each choice on the first this many cure names
 
 
@@ -33,7 +34,8 @@ class CureConfig:
     epochs: int = 3  # passes over the cure set (the source: 1-3)
     lr: float = 1e-2  # Adam, every trained method (the run's training rate)
     rank: int = 2  # k: directions per site in the subspace
-    targets: tuple = ("attn_qkv", "attn_out", "mlp_fc1", "mlp_fc2", "lm_head")  # subspace: patched matrices
+    # subspace: patched matrices; a bare block tensor name (attn_qkv) means the block's (blocks.0.attn_qkv)
+    targets: tuple = ("attn_qkv", "attn_out", "mlp_fc1", "mlp_fc2", "lm_head")
     # confined: each change lies in the member's subspace (U fixed); lora: rank-k LoRA factors whose
     # subspace side starts at U and is learned as well (the change may leave the subspace)
     parametrization: str = "confined"
@@ -56,10 +58,11 @@ class CureConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"argument --{name.replace('_', '-')}: must be a finite number > 0, got {value}")
-        unknown = [t for t in self.targets if t not in SITE_OF]
+        unknown = [t for t in self.targets if t not in SITE_OF and "blocks.0." + t not in SITE_OF]
         if unknown or not self.targets:
             raise ValueError(f"argument --targets: {unknown[0] if unknown else '(empty)'!r} cannot be patched; "
                              f"choose from {', '.join(SITE_OF)}")
+        object.__setattr__(self, "targets", tuple(t if t in SITE_OF else "blocks.0." + t for t in self.targets))
         if not 0.0 <= self.start_share <= 1.0:
             raise ValueError(f"argument --start-share: must be in [0, 1], got {self.start_share}")
         if self.parametrization not in ("confined", "lora"):
@@ -131,10 +134,10 @@ def stream_activations(pop: Population, rows: torch.Tensor, read: torch.Tensor |
     x = rows[..., :-1].long().clamp(min=0)
     _, cache = pop.logits(x, return_cache=True)
     pre, post = cache["blocks.0.hook_resid_pre"], cache["blocks.0.hook_resid_post"]  # (P, N, T, C)
-    w_out = rearrange(pop.params["attn_out"], "p c (h d) -> p c h d", h=pop.config.n_head)
+    w_out = rearrange(pop.params["blocks.0.attn_out"], "p c (h d) -> p c h d", h=pop.config.n_head)
     heads = torch.einsum("pnthd,pchd->pnthc", cache["blocks.0.attn.hook_z"], w_out)  # (P, N, T, H, C)
     mid = pre + heads.sum(3)
-    hidden = F.relu(torch.einsum("pntc,pfc->pntf", rmsnorm(mid, pop.config.norm_eps), pop.params["mlp_fc1"]))
+    hidden = F.relu(torch.einsum("pntc,pfc->pntf", rmsnorm(mid, pop.config.norm_eps), pop.params["blocks.0.mlp_fc1"]))
     out = {"resid_pre": pre, "resid_mid": mid, "resid_post": post, "hidden": hidden, "heads": heads}
     if read is None:
         return out

@@ -235,6 +235,10 @@ def _type_ok(value, annotation) -> bool:
     return isinstance(value, annotation)
 
 
+# Fields added after 0.1; a config.json without them reads them at their defaults.
+ADDED_FIELDS = {("ModelConfig", "norm"), ("ModelConfig", "mlp")}
+
+
 def from_dict(cls, d, where: str):
     """A config dataclass from plain JSON values, nested dataclasses included, strictly checked."""
     if not isinstance(d, dict):
@@ -245,6 +249,8 @@ def from_dict(cls, d, where: str):
         raise ValueError(f"{where}: unknown field {unknown[0]!r}")
     values = {}
     for name, f in fields.items():
+        if name not in d and (cls.__name__, name) in ADDED_FIELDS:
+            continue  # a config.json written before the field existed: its default
         if name not in d:
             raise ValueError(f"{where}: missing field {name!r}")
         value = d[name]

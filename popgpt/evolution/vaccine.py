@@ -19,6 +19,7 @@ import torch
 
 from ..engine import Engine, default_engine
 from ..evaluate import clean_nll, immunity, quality, test_options
+from ..model import tensor_names
 from ..population import Population
 from ..runio import format_table, write_atomic, write_json
 from ..seeds import fresh_member_seeds, tool_seed
@@ -31,7 +32,7 @@ from .virus import Virus
 
 @dataclass(frozen=True)
 class VaccineConfig:
-    tensors: tuple = ("attn_qkv",)  # parameter names copied from the donors
+    tensors: tuple = ("attn_qkv",)  # parameters copied from the donors (a bare block tensor name: every layer's)
     n_donors: int = 4  # best special (else immune) members used, round robin
     recipients: int = 32  # fresh members treated; as many untreated controls
     steps: int = 100  # clean training steps after the transplant
@@ -99,7 +100,8 @@ def vaccination(run: OpenRun, cfg: VaccineConfig, device: str = "cpu") -> dict:
 
     n = cfg.recipients
     fresh = Population.from_seeds(rc.model, fresh_member_seeds(rc.seed, "vaccine", cfg.seed, n), device=dev)
-    treated = transplant(fresh.params, donors.params, cfg.tensors, torch.arange(n, device=dev) % len(donors))
+    names = tensor_names(fresh.config, cfg.tensors)
+    treated = transplant(fresh.params, donors.params, names, torch.arange(n, device=dev) % len(donors))
     both = Population(rc.model, {k: torch.cat([treated[k], fresh.params[k]]) for k in treated})
     engine = Engine(default_engine(dev))
 

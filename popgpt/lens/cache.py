@@ -194,7 +194,7 @@ def hooked_transformer_state_dict(model) -> dict:
     C, H, D = cfg.n_embd, cfg.n_head, cfg.head_dim
     sd = {"embed.W_E": model.wte.detach().clone(), "pos_embed.W_pos": model.wpe.detach().clone(),
           "unembed.W_U": model.lm_head.detach().T.clone(), "unembed.b_U": torch.zeros(cfg.vocab_size)}
-    for i, block in enumerate(model._blocks()):
+    for i, block in enumerate(model.blocks):
         pre = f"blocks.{i}."
         for n, w in zip("QKV", block.attn_qkv.detach().split(C, dim=0)):  # each (H*D, C): out x in
             sd[pre + f"attn.W_{n}"] = w.reshape(H, D, C).transpose(1, 2).clone()  # (H, C, D)
