@@ -136,10 +136,11 @@ class Population:
         if not modules:
             raise ValueError("from_modules needs at least one module")
         first = modules[0]
-        names = [k for k, _ in first.named_parameters()]
+        shapes = [(k, tuple(v.shape)) for k, v in first.named_parameters()]
         for i, m in enumerate(modules[1:], 1):
-            if type(m) is not type(first) or [k for k, _ in m.named_parameters()] != names:
-                raise ValueError(f"module {i} ({type(m).__name__}) does not have module 0's parameters {names}")
+            if type(m) is not type(first) or [(k, tuple(v.shape)) for k, v in m.named_parameters()] != shapes:
+                raise ValueError(f"module {i} ({type(m).__name__}) does not have module 0's parameters "
+                                 f"{', '.join(f'{k} {s}' for k, s in shapes)}")
         params, buffers = stack_module_state(modules)
         device = device if device is not None else next(iter(params.values())).device
         move = lambda d: {k: v.detach().to(device).clone() for k, v in d.items()}  # noqa: E731

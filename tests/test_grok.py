@@ -8,20 +8,8 @@ import pytest
 import torch
 
 from popgpt.cli import main
-from popgpt.grok.experiment import (
-    GrokConfig,
-    ablation_losses,
-    embedding_spectrum,
-    first_step,
-    init_params,
-    key_frequencies,
-    member_logits,
-    pairs,
-    population_logits,
-    splits,
-    sum_directions,
-    train,
-)
+from popgpt.grok.analysis import ablation_losses, embedding_spectrum, first_step, key_frequencies, sum_directions
+from popgpt.grok.task import GrokConfig, answer_logits, answer_loss, init_population, pairs, splits, train
 from popgpt.model import MicroGPT
 
 
@@ -37,17 +25,19 @@ def test_pairs_and_per_member_splits():
     assert torch.equal(s, splits(cfg))  # same seed, same splits
 
 
-def test_batched_logits_equal_single_models_and_microgpt_with_norm():
-    cfg = GrokConfig(p=11, members=3, d_model=16, n_head=4, norm=True, init_std=0.2)
-    params = init_params(cfg)
-    x, _ = pairs(11)
-    batched = population_logits(params, x, cfg)
+@pytest.mark.parametrize("norm", [False, True])
+def test_batched_logits_and_loss_equal_single_models(norm):
+    cfg = GrokConfig(p=11, members=3, d_model=16, n_head=4, norm=norm, init_std=0.2)
+    pop = init_population(cfg)
+    x, y = pairs(11)
+    batched = answer_logits(pop.logits(x), 11)  # (P, p^2, p)
+    losses = answer_loss(11)(pop.logits(x[None].expand(3, -1, -1)), y[None].expand(3, -1))
     for i in range(3):
-        single = member_logits({k: v[i] for k, v in params.items()}, x, 11, True, 4)
-        torch.testing.assert_close(batched[i], single)
         model = MicroGPT(cfg.model)
-        model.load_state_dict({k: v[i] for k, v in params.items()})
-        torch.testing.assert_close(single, model(x)[:, -1, :11], atol=1e-5, rtol=1e-5)
+        model.load_state_dict({k: v[i] for k, v in pop.params.items()})
+        single = model(x)[:, -1, :11]
+        torch.testing.assert_close(batched[i], single, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(losses[i], torch.nn.functional.cross_entropy(single, y), atol=1e-5, rtol=1e-5)
 
 
 def test_fourier_analysis_recovers_a_hand_built_embedding_frequency():

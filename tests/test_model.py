@@ -65,3 +65,30 @@ def test_bad_config():
         ModelConfig(n_embd=25, n_head=4)
     with pytest.raises(ValueError, match="n_layer"):
         ModelConfig(n_layer=0)
+
+
+def test_without_norm_and_mlp_the_forward_is_attention_only_by_hand():
+    """norm=False drops every RMSNorm, mlp=False the MLP (and its tensors): checked against a hand forward."""
+    from popgpt.model import causal_attention, hook_names
+
+    cfg = ModelConfig(n_layer=2, norm=False, mlp=False)
+    model = MicroGPT(cfg, generator=torch.Generator().manual_seed(0))
+    assert [n for n, _ in model.named_parameters()] == ["wte", "wpe", "lm_head", "blocks.0.attn_qkv",
+                                                        "blocks.0.attn_out", "blocks.1.attn_qkv", "blocks.1.attn_out"]
+    idx = torch.randint(27, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        x = model.wte[idx] + model.wpe[:9]
+        for block in model.blocks:
+            x = x + causal_attention(x, block.attn_qkv, block.attn_out, cfg.n_head)
+        expected = x @ model.lm_head.T
+        logits, cache = model(idx, return_cache=True)
+    torch.testing.assert_close(logits, expected)
+    assert list(cache) == hook_names(cfg) and not any("mlp" in k or "normalized" in k for k in cache)
+
+
+def test_the_step_module_and_the_train_function_do_not_shadow_each_other():
+    import popgpt
+    import popgpt.step as step_module
+
+    assert callable(popgpt.train) and popgpt.train.__module__ == "popgpt.trainer"
+    assert hasattr(step_module, "adam_step") and hasattr(step_module, "Batches")

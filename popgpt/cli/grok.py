@@ -4,8 +4,9 @@ import argparse
 import os
 import time
 
-from ..grok.experiment import PRESETS as GROK_PRESETS
-from ..grok.experiment import GrokConfig, run_grok
+from ..grok.report import run_grok
+from ..grok.task import PRESETS as GROK_PRESETS
+from ..grok.task import GrokConfig
 from .common import add_runtime, count_int, finite_float, positive_int, resolve_device, threads
 
 GROK_EPILOG = """examples:

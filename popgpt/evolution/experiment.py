@@ -48,6 +48,7 @@ from .config import STREAMS, RunConfig, condition_label, stream_seed
 from .distributed import BACKENDS, Shard, bounds, rank_device
 from .generation import Context, EvolutionState, generation, init_state
 from .layout import Layout
+from .operators import Operators
 from .memory import check_fits
 from .runs import check_resume, run_data
 from .summary import COLUMNS
@@ -115,17 +116,26 @@ def prepare(config: RunConfig):
 
 
 def _write_config(run_dir: str, config: RunConfig, saved: dict, data_sha: str, env: dict, force: bool, log,
-                  world: int = 1):
-    """A fresh config.json, or, when resuming, the resume checks and a record of this resume."""
+                  world: int = 1, operators: dict | None = None):
+    """A fresh config.json, or, when resuming, the resume checks and a record of this resume.
+    ``operators``: the custom operators' names (``Operators.custom``)."""
     cfg_path = os.path.join(run_dir, "config.json")
+    operators = operators or {}
     if not saved:
         write_json(cfg_path, {"config": config.to_dict(), "run_seed": config.seed,
                               "stream_seeds": {k: stream_seed(config.seed, k) for k in STREAMS},
                               "member_seeds": default_seeds(config.n_members, config.seed),
-                              "data_sha256": data_sha, "environment": env, "world_size": world})
+                              "data_sha256": data_sha, "environment": env, "world_size": world,
+                              "operators": operators})
         return
     info = read_json(cfg_path)
     changes = check_resume(run_dir, info, config, data_sha, env, force)
+    recorded = info.get("operators", {})
+    if recorded != operators:
+        if not force:
+            raise RunError(f"{run_dir} was evolved with operators {recorded or '(the defaults)'}, now "
+                           f"{operators or '(the defaults)'}: resume with the same operators, or force")
+        changes.append(f"operators {operators or '(the defaults)'} instead of {recorded or '(the defaults)'}")
     info.setdefault("resumes", []).append({"after_generation": max(saved), "environment": env, "world_size": world,
                                            "forced_changes": changes, "config": config.to_dict()})
     write_json(cfg_path, info)
@@ -134,7 +144,8 @@ def _write_config(run_dir: str, config: RunConfig, saved: dict, data_sha: str, e
             f"uninterrupted run")
 
 
-def _open(config: RunConfig, run_dir: str, resume: bool, force: bool, world: int, log) -> dict:
+def _open(config: RunConfig, run_dir: str, resume: bool, force: bool, world: int, log,
+          operators: Operators) -> dict:
     """On rank 0, under the run's lock: a finished run's results, or the folder checked, config.json
     written (or extended) and the checkpoint to continue from (None for a fresh run)."""
     last, results_path = config.evolution.generations, os.path.join(run_dir, "results.json")
@@ -145,33 +156,34 @@ def _open(config: RunConfig, run_dir: str, resume: bool, force: bool, world: int
         raise RunError(f"{run_dir} already holds a run (generation {max(saved)} saved): "
                        f"resume it or choose another folder")
     env = environment(rank_device(config.device), __version__)
-    _write_config(run_dir, config, saved, file_sha256(config.data.path), env, force, log, world)
+    _write_config(run_dir, config, saved, file_sha256(config.data.path), env, force, log, world, operators.custom())
     parts = 1 + len(read_json(os.path.join(run_dir, "config.json")).get("resumes", []))
     return {"results": None, "ck": load_checkpoint(run_dir) if saved else None, "env": env, "parts": parts}
 
 
 def _start(config: RunConfig, data, opened: dict, run_dir: str, engine: Engine | None, timer: PhaseTimer | None,
-           shard: Shard) -> tuple[Context, Run, EvolutionState]:
+           shard: Shard, operators: Operators | None = None) -> tuple[Context, Run, EvolutionState]:
     """Every rank: the context, the run and the first state (fresh, or the checkpoint's)."""
     ck = opened["ck"]
-    ctx = make_context(config, data, engine, timer, shard)
+    ctx = make_context(config, data, engine, timer, shard, operators)
     ctx.timer.seconds = dict(ck.get("phase_seconds", {})) if ck else {}
     run = Run(run_dir, opened["env"], time.perf_counter() - (ck.get("elapsed_seconds", 0.0) if ck else 0.0))
     return ctx, run, (EvolutionState.from_checkpoint(ck, ctx) if ck else init_state(ctx))
 
 
 def make_context(config: RunConfig, data, engine: Engine | None = None, timer: PhaseTimer | None = None,
-                 shard: Shard | None = None) -> Context:
+                 shard: Shard | None = None, operators: Operators | None = None) -> Context:
     """What every generation of a run uses: the layout, the encoded held-out names, the engine.
 
     ``config`` and ``data`` as ``prepare`` returns them; ``shard``: this
-    rank's members (default: the process group's, all of them when alone)."""
+    rank's members (default: the process group's, all of them when alone);
+    ``operators``: fitness, selection and breeding (default: the source's)."""
     device = rank_device(config.device)
     shard = shard or Shard.current(config.n_members, device)
     engine = engine or Engine(default_engine(device) if config.engine == "auto" else config.engine)
     eval_rows, n_targets = data.encode(data.eval_docs, device)
     return Context(config, Layout.of(config), data.train_docs, eval_rows, n_targets, engine, timer or PhaseTimer(),
-                   device, shard)
+                   device, shard, operators or Operators())
 
 
 def csv_columns(config: RunConfig) -> list[str]:
@@ -260,7 +272,8 @@ def _exchanged(shard: Shard) -> dict:
 
 
 def evolve(config: RunConfig, run_dir: str, resume: bool = False, on_generation=None,
-           log=print, engine: Engine | None = None, timer: PhaseTimer | None = None, force: bool = False) -> dict:
+           log=print, engine: Engine | None = None, timer: PhaseTimer | None = None, force: bool = False,
+           operators: Operators | None = None) -> dict:
     """Run (or resume) the experiment in ``run_dir``; returns the results dict.
 
     Everything is checked before the folder is touched: the names file, the
@@ -272,6 +285,9 @@ def evolve(config: RunConfig, run_dir: str, resume: bool = False, on_generation=
     ``config.engine``); ``timer`` collects per-phase seconds. Resuming
     refuses another config or a changed names file, and, unless ``force``,
     settings that change the numbers (threads, device, engine, torch).
+    ``operators``: the fitness, selection and breeding rules
+    (``evolution.operators.Operators``; default: the source experiment's);
+    config.json records the names of custom ones, and a resume needs the same.
 
     In a process group (``torchrun``) every rank calls it with the same
     arguments and evolves its shard of the members; rank 0 alone logs and
@@ -286,7 +302,8 @@ def evolve(config: RunConfig, run_dir: str, resume: bool = False, on_generation=
     torch.set_num_threads(config.threads)
     try:
         with _locked(run_dir, resume, shard):
-            return _run(config, data, run_dir, resume, force, on_generation, log, engine, timer, shard)
+            return _run(config, data, run_dir, resume, force, on_generation, log, engine, timer, shard,
+                        operators or Operators())
     finally:
         torch.set_num_threads(threads)
 
@@ -311,12 +328,12 @@ def _locked(run_dir: str, resume: bool, shard: Shard):
             lock.__exit__(None, None, None)
 
 
-def _run(config, data, run_dir, resume, force, on_generation, log, engine, timer, shard) -> dict:
-    opened = shard.from_first(lambda: _open(config, run_dir, resume, force, shard.world, log))
+def _run(config, data, run_dir, resume, force, on_generation, log, engine, timer, shard, operators) -> dict:
+    opened = shard.from_first(lambda: _open(config, run_dir, resume, force, shard.world, log, operators))
     if opened["results"] is not None:
         log(f"{run_dir}: the run finished (generation {config.evolution.generations} saved); nothing to do")
         return opened["results"]
-    ctx, run, state = _start(config, data, opened, run_dir, engine, timer, shard)
+    ctx, run, state = _start(config, data, opened, run_dir, engine, timer, shard, operators)
     log("\n".join(_header(ctx, run)))
     if opened["ck"] is not None:
         log(f"resuming after generation {state.generation}")

@@ -48,7 +48,7 @@ from ..step import Batches, draw_rows
 from .config import RunConfig, stream_seed
 from .distributed import Shard
 from .layout import Layout
-from .operators import breed, child_rates, parent_pairs, pick_parents, select, selection_fitness
+from .operators import Operators, breed, child_rates, parent_pairs
 from .summary import group_row
 from .virus import Virus
 
@@ -66,6 +66,7 @@ class Context:
     timer: object  # PhaseTimer: timer(phase, device) is a context manager
     device: torch.device
     shard: Shard  # the members this process holds (all of them when it runs alone)
+    operators: Operators = Operators()  # fitness, selection, breeding (the source experiment's by default)
 
 
 @dataclass(frozen=True)
@@ -221,7 +222,11 @@ def _evaluate(pop: Population, state: EvolutionState, ctx: Context) -> tuple[dic
         again = immunity(pop, state.viruses[0], state.retest, triggers=triggers, **options)
         metrics["retest_vulnerable"] = again.vulnerable | metrics["diverged"]
     penalty = ctx.layout.penalty(ctx.device)[shard.members]
-    return metrics, selection_fitness(metrics["quality"], metrics["vulnerable"], penalty)
+    fitness = ctx.operators.fitness(metrics, penalty)
+    if fitness.shape != penalty.shape:
+        raise ValueError(f"the fitness function must give one value per member, shape {tuple(penalty.shape)}; "
+                         f"got {tuple(fitness.shape)}")
+    return metrics, fitness
 
 
 def _next_generation(pop: Population, state: EvolutionState, ctx: Context):
@@ -230,19 +235,19 @@ def _next_generation(pop: Population, state: EvolutionState, ctx: Context):
     Returns (survivors, children, the children's rows of all children, order:
     cat(survivors, children)[order] is the shard in member order, parents
     (P, 2) of the whole next generation)."""
-    cfg, layout, shard, device = ctx.config.evolution, ctx.layout, ctx.shard, ctx.device
+    cfg, layout, shard, device, ops = ctx.config.evolution, ctx.layout, ctx.shard, ctx.device, ctx.operators
     G, C = layout.n_groups, cfg.pop_size - cfg.n_survivors
     with ctx.timer("evolution_ops", device):
-        survivors = select(state.fitness, cfg.n_survivors, G)  # (G*S,) population indices
-        parents = pick_parents(survivors, C, state.dev, G, cfg.distinct_parents)  # (G*C, 2)
+        survivors = ops.select(state.fitness, cfg.n_survivors, G)  # (G*S,) population indices
+        parents = ops.pick_parents(survivors, C, state.dev, G, cfg.distinct_parents)  # (G*C, 2)
     with ctx.timer("communication", device):
         pool = shard.share(pop, survivors)  # every survivor, Adam state included
     with ctx.timer("evolution_ops", device):
         position = torch.empty(shard.total, dtype=torch.long, device=device)
         position[survivors] = torch.arange(len(survivors), device=device)  # population index -> pool row
         kept, born, order = layout.next_slots(shard.start, shard.stop, device)
-        children = breed(pop.config, pool.params, position[parents], child_rates(cfg, G, layout.rates(device)),
-                         state.dev, born)
+        children = breed(pop.base, pool.params, position[parents], child_rates(cfg, G, layout.rates(device)),
+                         state.dev, born, ops.crossover, ops.mutate)
     return pool[kept], children, born, order, parent_pairs(survivors, parents, G)
 
 

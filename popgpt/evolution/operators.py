@@ -1,11 +1,15 @@
-"""Selection, crossover and mutation as index / where ops over stacked tensors.
+"""Fitness, selection, crossover and mutation as index / where ops over stacked tensors.
 
 Each operator is a pure function of (tensors, generator) -> tensors; no
 per-member Python loop and no state_dict copies. The loop that composes
-them with training and evaluation lives in ``experiment.py``.
+them with training and evaluation lives in ``generation.py``; ``Operators``
+is what it calls, the source experiment's rules unless a user passes others
+to ``evolve`` (each a plain function with the default's signature).
 """
 
 import functools
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -22,6 +26,13 @@ def selection_fitness(quality: torch.Tensor, vulnerable: torch.Tensor, penalty: 
     """
     fitness = torch.where(vulnerable, quality - (1 - penalty) * quality.abs(), quality)
     return torch.where(torch.isfinite(quality), fitness, -torch.inf)
+
+
+def source_fitness(metrics: dict, penalty: torch.Tensor) -> torch.Tensor:
+    """The source experiment's fitness: clean quality, a vulnerable member's multiplied by its
+    condition's ``penalty`` [P]. ``metrics``: the generation's [P] tensors (``evaluate_members``:
+    nll, quality, vulnerable, hits, payload_prob, diverged, and retest_vulnerable when retested)."""
+    return selection_fitness(metrics["quality"], metrics["vulnerable"], penalty)
 
 
 def select(fitness: torch.Tensor, n_survivors: int, replicates: int = 1) -> torch.Tensor:
@@ -106,16 +117,41 @@ def child_rates(cfg: EvolutionConfig, groups: int, rates: dict | None = None) ->
             for k in ("crossover_p", "mutation_rate", "mutation_std")}
 
 
-def breed(config, params: dict, parents: torch.Tensor, rates: dict, generator: torch.Generator,
-          rows=slice(None)) -> Population:
+def breed(model, params: dict, parents: torch.Tensor, rates: dict, generator: torch.Generator,
+          rows=slice(None), crossover_fn=crossover, mutate_fn=mutate) -> Population:
     """Crossover children of ``parents`` (C, 2) (indices into ``params``), mutated, with fresh Adam state.
 
-    ``rows``: the children to make; every draw is made for all C children,
-    so the rows of a slice equal those of the whole (a shard breeds its own)."""
-    child_params, _ = crossover(params, parents, rates["crossover_p"], generator, rows)
-    child_params = mutate(child_params, rates["mutation_rate"], rates["mutation_std"], generator, rows,
-                          parents.shape[0])
-    return Population(config, child_params, AdamState.zeros_like(child_params))
+    ``model``: the architecture (a ModelConfig or a population's base). ``rows``: the children to make;
+    every draw is made for all C children, so the rows of a slice equal those of the whole (a shard
+    breeds its own)."""
+    child_params, _ = crossover_fn(params, parents, rates["crossover_p"], generator, rows)
+    child_params = mutate_fn(child_params, rates["mutation_rate"], rates["mutation_std"], generator, rows,
+                             parents.shape[0])
+    return Population(model, child_params, AdamState.zeros_like(child_params))
+
+
+@dataclass(frozen=True)
+class Operators:
+    """The evolution loop's pluggable parts; each default is the source experiment's rule.
+
+    A replacement keeps its default's signature. ``fitness`` sees the members
+    this process holds (all of them, unless a run is sharded over torchrun
+    ranks: then a fitness that compares members, such as a rank or a z-score,
+    makes a sharded run differ from one process). Randomness comes only from
+    the generator passed in, drawn for the whole population (so shards agree).
+    """
+
+    fitness: Callable = source_fitness  # (metrics {name: [P]}, penalty [P]) -> fitness [P]
+    select: Callable = select  # (fitness [G*P], n_survivors, groups) -> survivors [G*S], best first
+    pick_parents: Callable = pick_parents  # (survivors, n_children, generator, groups, distinct) -> (G*C, 2)
+    crossover: Callable = crossover  # (params, parents, p_first, generator, rows) -> (children, from_first)
+    mutate: Callable = mutate  # (params, rate, std, generator, rows, n_children) -> params
+
+    def custom(self) -> dict:
+        """The operators that differ from the defaults: {field: module.qualname} (what a run records)."""
+        default = Operators()
+        return {f.name: f"{getattr(self, f.name).__module__}.{getattr(self, f.name).__qualname__}"
+                for f in fields(self) if getattr(self, f.name) is not getattr(default, f.name)}
 
 
 def parent_pairs(survivors: torch.Tensor, parents: torch.Tensor, groups: int) -> torch.Tensor:
@@ -145,7 +181,7 @@ def next_generation(pop: Population, fitness: torch.Tensor, cfg: EvolutionConfig
     C = cfg.pop_size - cfg.n_survivors
     survivors = select(fitness, cfg.n_survivors, R)  # (R*S,)
     parents = pick_parents(survivors, C, generator, R, cfg.distinct_parents)  # (R*C, 2)
-    children = breed(pop.config, pop.params, parents, child_rates(cfg, R, rates), generator)
+    children = breed(pop.base, pop.params, parents, child_rates(cfg, R, rates), generator)
     return pop[survivors], children, parent_pairs(survivors, parents, R)
 
 
