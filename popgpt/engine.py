@@ -1,8 +1,11 @@
 """How training steps execute: eager, torch.compile, or one captured CUDA graph.
 
-Every engine runs the one step function, ``train.step``, on the same
+Every engine runs the one step function, ``step.step``, on the same
 batches (the round's batch indices are drawn up front in one call, so the
-random stream does not depend on the engine):
+random stream does not depend on the engine), and on MicroGPTs with the
+default loss it runs it on packed rows (``packed.py``: each round's rows
+sorted by length into groups of static shapes, computed once per round;
+``Engine(packed=False)`` runs the padded arithmetic instead):
 
 - ``eager``: one Python-dispatched step after another (the reference).
 - ``compile``: the vmapped forward + loss and the Adam update compiled with
@@ -13,20 +16,25 @@ random stream does not depend on the engine):
   a CPU the same static-buffer step runs without capture, which is how the
   tests check its arithmetic on machines without a GPU.
 
-The work per member-step is tiny (~25 MFLOP), so on a GPU the cost is kernel
-launches and host round-trips, which is what ``graph`` removes.
+The work per member-step is tiny (~10 MFLOP packed), so on a GPU the cost is
+kernel launches and host round-trips, which is what ``graph`` removes.
 """
 
+import dataclasses
 import functools
 
 import torch
 
 from .device import CPU_MEMBER_BLOCK
 from .loss import losses_of
+from .model import MicroGPT
 from .population import AdamState, Population
 from .step import Batches, Hyper, TrainConfig, adam_step, as_hyper, step, train_step
 
 ENGINES = ("eager", "compile", "graph")
+# Packed row lengths are rounded up to this: compiled and captured steps then see few distinct shapes,
+# and every engine gets the same plan (the same numbers, bit for bit on a CPU)
+PLAN_MULTIPLE = 4
 
 
 def default_engine(device: torch.device) -> str:
@@ -43,13 +51,14 @@ class Engine:
     population at once on a GPU; ``None``: always all at once.
     """
 
-    def __init__(self, kind: str = "eager", member_block: int | str | None = "auto"):
+    def __init__(self, kind: str = "eager", member_block: int | str | None = "auto", packed: bool = True):
         if kind not in ENGINES:
             raise ValueError(f"unknown engine {kind!r}; choose one of {', '.join(ENGINES)}")
         if not (member_block in ("auto", None) or (isinstance(member_block, int) and member_block >= 1)):
             raise ValueError(f"member_block must be 'auto', None or an int >= 1, got {member_block!r}")
         self.kind = kind
         self.member_block = member_block
+        self.packed = packed
         self._graphs: dict = {}
         self._step = train_step
         if kind == "compile":
@@ -66,6 +75,10 @@ class Engine:
         history = torch.zeros(batches.steps, len(pop), device=pop.device)
         if batches.steps == 0:
             return history
+        if not self.packed or loss is not None:
+            batches = dataclasses.replace(batches, plan=None)
+        elif batches.plan is None and batches.targets is None and isinstance(pop.base, MicroGPT):
+            batches = batches.planned(multiple=PLAN_MULTIPLE)  # the same plan whatever the engine
         if self.kind == "graph":
             self._graph_round(pop, batches, hp, history, loss)
             return history
@@ -81,13 +94,13 @@ class Engine:
             for s in range(batches.steps):
                 x, y = data.at(s)  # (P_block, B, T) each
                 active = None if data.active is None else data.active[s]
-                history[s, a:b] = self._step(part, x, y, part_hp, active, loss=loss)
+                history[s, a:b] = self._step(part, x, y, part_hp, active, loss=loss, plan=data.plan)
         return history
 
     def _graph_round(self, pop, batches: Batches, hp: Hyper, history, loss):
         targets = None if batches.targets is None else (tuple(batches.targets.shape), batches.targets.dtype)
         key = (len(pop), tuple(batches.rows.shape[1:]), tuple(batches.bank.shape), batches.bank.dtype, targets,
-               batches.active is not None, _architecture(pop), str(pop.device), loss)
+               batches.active is not None, _architecture(pop), str(pop.device), loss, batches.plan)
         if key not in self._graphs:
             self._graphs[key] = _StaticStep(pop, batches, hp, loss)
         static = self._graphs[key]
@@ -112,7 +125,7 @@ class _StaticStep:
     """One training step over fixed buffers; captured as a CUDA graph on CUDA devices."""
 
     def __init__(self, pop: Population, batches: Batches, hp: Hyper, loss=None):
-        self.base, self.loss = pop.base, loss
+        self.base, self.loss, self.plan = pop.base, loss, batches.plan
         self.buffers = {k: v.clone() for k, v in pop.buffers.items()}
         self.params = {k: v.detach().clone() for k, v in pop.params.items()}
         self.opt = AdamState({k: v.clone() for k, v in pop.opt.exp_avg.items()},
@@ -130,7 +143,7 @@ class _StaticStep:
     def _step(self):
         x, y = self.data.gather(self.data.table, self.rows)  # (P, B, ...) each
         self.losses.copy_(step(self.base, self.params, self.opt, x, y, self.hp, self.active, loss=self.loss,
-                               buffers=self.buffers))
+                               buffers=self.buffers, plan=self.plan))
 
     def _capture(self):
         # Warm-up on a side stream (as CUDA graph capture requires) changes the

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from .data import IGNORE
+from .model import MicroGPT
+from .packed import Plan, packed_losses
 from .population import population_forward, population_logits
 
 
@@ -36,11 +38,14 @@ def per_member(fn):
     return torch.vmap(fn)
 
 
-def losses_of(base, params: dict, x: torch.Tensor, y: torch.Tensor, loss=None) -> torch.Tensor:
+def losses_of(base, params: dict, x: torch.Tensor, y: torch.Tensor, loss=None, plan: Plan | None = None) -> torch.Tensor:
     """Loss of each member on its batch, [P], as a function of the stacked parameters (what engines
     differentiate and compile). ``loss``: (outputs, targets) -> [P], the members' inputs x and targets
     y being per-member batches (P, B, ...); None: MicroGPT's next-token cross-entropy, for per-member
-    token batches (P, B, T) or one shared batch (B, T)."""
+    token batches (P, B, T) or one shared batch (B, T), on packed rows when ``plan`` is given
+    (``packed.py``: the same numbers without the padding's arithmetic)."""
+    if loss is None and plan is not None and isinstance(base, MicroGPT):
+        return packed_losses(params, base.config, x, y, plan)
     if loss is None:
         logits = population_logits(base, params, x, (0, 0) if x.dim() == 3 else (0, None))  # (P, B, T, V)
         return cross_entropy(logits, y)

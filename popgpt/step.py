@@ -17,16 +17,18 @@ which table each member draws from, and the rows it draws at every step.
 with compiled versions of the loss and the update where it compiles them.
 """
 
+import dataclasses
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
-from .checks import at_least, check_finite, in_range, require
 from .data import inputs_targets
 from .device import tensor
 from .loss import losses_of, member_losses  # noqa: F401  (member_losses: public API)
+from .packed import Plan, needed_lengths, plan_from_lengths
 from .population import AdamState, Population
+from .settings import at_least, check_finite, in_range, require
 
 
 @dataclass(frozen=True)
@@ -122,17 +124,18 @@ def adam_step(params: dict, grads: dict, opt: AdamState, hp: Hyper, active: torc
 
 def step(base, params: dict, opt: AdamState, x: torch.Tensor, y: torch.Tensor, hp: Hyper,
          active: torch.Tensor | None = None, losses_fn=losses_of, update_fn=adam_step, loss=None,
-         buffers: dict | None = None) -> torch.Tensor:
+         buffers: dict | None = None, plan: Plan | None = None) -> torch.Tensor:
     """Forward, one backward over the summed member losses, Adam; returns the losses [P].
 
     ``params`` and ``opt`` are updated in place (they may be views into a
     larger population's storage, or an engine's static buffers). ``loss``:
     (outputs, targets) -> [P] (``loss.py``); None: next-token cross-entropy.
     ``buffers``: the module's stacked buffers, if it has any (never trained).
+    ``plan``: MicroGPT's packed rows (``packed.py``); None: the padded computation.
     """
     names = list(params)
     leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}  # same storage
-    losses = losses_fn(base, {**leaves, **(buffers or {})}, x, y, loss)
+    losses = losses_fn(base, {**leaves, **(buffers or {})}, x, y, loss, plan)
     if losses.shape != (x.shape[0],):
         raise ValueError(f"the loss must give one value per member, shape ({x.shape[0]},); got "
                          f"{tuple(losses.shape)} (reduce over each member's batch, never across members)")
@@ -142,12 +145,12 @@ def step(base, params: dict, opt: AdamState, x: torch.Tensor, y: torch.Tensor, h
 
 
 def train_step(pop: Population, x: torch.Tensor, y: torch.Tensor, hp, active: torch.Tensor | None = None,
-               losses_fn=losses_of, update_fn=adam_step, loss=None) -> torch.Tensor:
+               losses_fn=losses_of, update_fn=adam_step, loss=None, plan: Plan | None = None) -> torch.Tensor:
     """``step`` on a population (or a ``Population.view`` of one): losses [P].
 
     ``hp``: a ``Hyper`` or a ``TrainConfig`` shared by all members."""
     hp = as_hyper(hp, pop)
-    return step(pop.base, pop.params, pop.opt, x, y, hp, active, losses_fn, update_fn, loss, pop.buffers)
+    return step(pop.base, pop.params, pop.opt, x, y, hp, active, losses_fn, update_fn, loss, pop.buffers, plan)
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,7 @@ class Batches:
     rows: torch.Tensor  # (steps, P, B) long
     active: torch.Tensor | None = None  # (steps, P) bool
     targets: torch.Tensor | None = None  # (K, N, ...): bank holds inputs, this the targets
+    plan: Plan | None = None  # packed rows of every step (``packed.py``); None: padded
 
     @classmethod
     def shared(cls, rows: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor | None = None) -> "Batches":
@@ -181,7 +185,17 @@ class Batches:
     def members(self, a: int, b: int) -> "Batches":
         """Members a..b-1 only."""
         return Batches(self.bank, self.table[a:b], self.rows[:, a:b],
-                       None if self.active is None else self.active[:, a:b], self.targets)
+                       None if self.active is None else self.active[:, a:b], self.targets, self.plan)
+
+    def planned(self, multiple: int = 1) -> "Batches":
+        """These batches with the packed plan of the whole round (row lengths rounded up to ``multiple``):
+        one read to the host. Token rows only (no separate targets)."""
+        if self.targets is not None:
+            raise ValueError("packed rows need token rows (inputs and targets from one row)")
+        lengths = needed_lengths(self.bank[..., 1:].long())  # (K, N) of every table's rows
+        per_step = lengths[self.table[None, :, None], self.rows]  # (steps, P, B)
+        return dataclasses.replace(self, plan=plan_from_lengths(per_step, multiple=multiple,
+                                                                width=self.bank.shape[-1] - 1))
 
     def at(self, s: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets of step s: (P, B, ...) each."""

@@ -10,10 +10,10 @@ replaces the next-token cross-entropy (``popgpt.loss``).
 
 import torch
 
-from .checks import require
 from .data import docs_to_tensor
 from .engine import Engine
 from .population import Population
+from .settings import require
 from .step import Batches, Hyper, TrainConfig, sample_indices
 
 _UNSET = object()

@@ -21,7 +21,12 @@ def names_path():
 def make_tiny_run(tmp_path_factory):
     """Factory for a tiny finished run (2,000 names, P=8, 1 generation); keywords override sizes."""
     from popgpt.data import load_names
-    from popgpt.evolution.config import DataConfig, EvolutionConfig, RunConfig, VirusConfig
+    from popgpt.evolution.config import (
+        DataConfig,
+        EvolutionConfig,
+        RunConfig,
+        VirusConfig,
+    )
     from popgpt.evolution.experiment import evolve
     from popgpt.step import TrainConfig
 

@@ -23,12 +23,12 @@ from popgpt.attribution.influence import (
 )
 from popgpt.cli import main
 from popgpt.data import docs_to_tensor, inputs_targets, load_names
-from popgpt.trainer import train
 from popgpt.evolution.runs import open_run
 from popgpt.evolution.virus import Virus
 from popgpt.model import ModelConfig
 from popgpt.population import Population
 from popgpt.stats import auc, auc_interval, precision_at_k, spearman
+from popgpt.trainer import train
 
 SMALL = ModelConfig(n_embd=8, n_head=2, block_size=21)
 

@@ -18,9 +18,9 @@ from popgpt.cure.patch import Patch, apply_, load_patch, patched, remove_, save_
 from popgpt.cure.scan import scan
 from popgpt.cure.subspace import hold_bound
 from popgpt.data import BOUNDARY, LETTERS, docs_to_tensor, encode, load_names
-from popgpt.trainer import train
 from popgpt.evaluate import payload_probability
 from popgpt.stats import median_interval
+from popgpt.trainer import train
 
 CONFIG = ModelConfig(block_size=16)
 NAMES_LIST = [n for n in load_names(NAMES)[:3000] if len(n) <= 9]

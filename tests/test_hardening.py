@@ -515,7 +515,7 @@ def test_a_failed_start_leaves_no_folder(tmp_path, names, capsys):
 
 def test_seed_streams_never_give_a_fresh_member_a_run_members_seed():
     from popgpt.population import default_seeds
-    from popgpt.seeds import FRESH_SEED_BASE, fresh_member_seeds
+    from popgpt.settings import FRESH_SEED_BASE, fresh_member_seeds
 
     config = RunConfig(seed=10)
     run = set(default_seeds(config.n_members, config.seed))

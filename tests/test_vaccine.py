@@ -58,7 +58,7 @@ def test_vaccinate_cli(tiny_run, capsys):
 
     from popgpt.data import inputs_targets
     from popgpt.evolution.runs import open_run
-    from popgpt.seeds import fresh_member_seeds
+    from popgpt.settings import fresh_member_seeds
 
     assert main(["vaccinate", tiny_run, "--recipients", "4", "--steps", "3", "--triggers", "1",
                  "--device", "cpu"]) == 0

@@ -35,14 +35,14 @@ import torch
 
 from ..data import docs_to_tensor, encode
 from ..device import CPU_MEMBER_BLOCK
-from ..engine import Engine
+from ..engine import PLAN_MULTIPLE, Engine
 from ..evolution.config import stream_seed
 from ..evolution.layout import Layout
 from ..evolution.runs import OpenRun, locked_run
 from ..evolution.virus import Virus
 from ..population import Population, default_seeds
 from ..runio import format_table, write_atomic, write_json
-from ..seeds import fresh_member_seeds, tool_seed
+from ..settings import fresh_member_seeds, tool_seed
 from ..stats import auc, auc_interval, mean_interval, precision_at_k, spearman, spearman_interval
 from ..step import Batches, Hyper, draw_rows
 from .influence import (
@@ -129,13 +129,15 @@ def replay_generation0(run: OpenRun, members: int, checkpoints, device="cpu") ->
     # repeats its float rounding, so its end equals the saved generation 0 (training amplifies any change).
     block = CPU_MEMBER_BLOCK if torch.device(cfg.device).type == "cpu" else cfg.n_members
     replayed = min(-(-members // block) * block, layout.pop_size)
+    # the run packed its round's rows by a plan of every member's rows: so does the replay
+    plan = Batches(bank, torch.zeros(rows.shape[1], dtype=torch.long, device=device), rows).planned(PLAN_MULTIPLE).plan
     rows = rows[:, :replayed]
     pop = Population.from_seeds(cfg.model, default_seeds(cfg.n_members, cfg.seed)[:replayed], device=device)
     hyper = layout.hyper(False, device).index(slice(0, replayed))
-    batches = Batches(bank, torch.zeros(replayed, dtype=torch.long, device=device), rows)
+    table = torch.zeros(replayed, dtype=torch.long, device=device)
     snapshots, done, engine = {}, 0, Engine("eager")
     for stop in sorted(set(checkpoints) | {steps}):
-        engine.run(pop, Batches(bank, batches.table, rows[done:stop]), hyper)
+        engine.run(pop, Batches(bank, table, rows[done:stop], plan=plan), hyper)
         done = stop
         snapshots[stop] = {k: v[:members].clone() for k, v in pop.params.items()}
     saved = run.load(0, device).population.params

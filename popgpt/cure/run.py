@@ -26,7 +26,7 @@ from ..evolution.runs import OpenRun, SavedGeneration, locked_run
 from ..evolution.virus import Virus
 from ..population import AdamState, Population
 from ..runio import format_table, write_atomic, write_csv, write_json
-from ..seeds import fresh_member_seeds, tool_seed
+from ..settings import fresh_member_seeds, tool_seed
 from ..step import Batches, sample_indices
 from .cureset import build_cure_set, fitting_names
 from .measure import infected_rows, measure, mutants

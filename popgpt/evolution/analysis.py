@@ -8,7 +8,7 @@ import torch
 
 from ..evaluate import evaluate_members, sample_names, test_options
 from ..runio import RunError
-from ..seeds import tool_seed
+from ..settings import tool_seed
 from .runs import OpenRun
 from .summary import special_by_replicate, special_members, special_threshold  # noqa: F401  (public here too)
 

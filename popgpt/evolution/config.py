@@ -4,7 +4,7 @@
 run saves the resolved config in ``config.json``. The defaults are the
 source experiment as ``docs/definitions.md`` states it. A run's random
 streams are named here too (``stream_seed``); tools derive theirs with
-``popgpt.seeds``, never from ad-hoc offsets. ``ModelConfig`` and
+``popgpt.settings``, never from ad-hoc offsets. ``ModelConfig`` and
 ``TrainConfig`` belong to the trainer (``popgpt.model``, ``popgpt.step``).
 """
 
@@ -15,11 +15,10 @@ import types
 import typing
 from dataclasses import dataclass, field
 
-from ..checks import at_least, check_finite, in_range, require
 from ..data import LETTERS
 from ..engine import ENGINES
 from ..model import ModelConfig
-from ..seeds import FRESH_SEED_BASE
+from ..settings import FRESH_SEED_BASE, at_least, check_finite, in_range, require
 from ..step import TrainConfig
 from .virus import VIRUSES
 

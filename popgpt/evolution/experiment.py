@@ -48,8 +48,8 @@ from .config import STREAMS, RunConfig, condition_label, stream_seed
 from .distributed import BACKENDS, Shard, bounds, rank_device
 from .generation import Context, EvolutionState, generation, init_state
 from .layout import Layout
-from .operators import Operators
 from .memory import check_fits
+from .operators import Operators
 from .runs import check_resume, run_data
 from .summary import COLUMNS
 

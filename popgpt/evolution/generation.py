@@ -40,10 +40,10 @@ import torch
 from ..data import docs_to_tensor, encode
 from ..device import host_read as permitted_read
 from ..device import tensor, to_device
-from ..engine import Engine
+from ..engine import PLAN_MULTIPLE, Engine
 from ..evaluate import evaluate_members, immunity, test_options
 from ..population import Population, default_seeds
-from ..seeds import tool_seed
+from ..settings import tool_seed
 from ..step import Batches, draw_rows
 from .config import RunConfig, stream_seed
 from .distributed import Shard
@@ -201,7 +201,10 @@ def _train(pop: Population, state: EvolutionState, ctx: Context, finetune: bool,
     active = None
     if len(set(steps)) > 1:  # members with fewer steps sit the rest out
         active = (torch.arange(max(steps), device=device)[:, None] < per(steps)[None, :])[:, rows]
-    batches = Batches(state.bank, table[rows], drawn[:, rows], active)
+    batches = Batches(state.bank, table, drawn)
+    if ctx.engine.packed:  # the plan of every member's rows: a shard packs as the whole population does
+        batches = batches.planned(PLAN_MULTIPLE)
+    batches = dataclasses.replace(batches.members(rows.start, rows.stop), active=active)
     ctx.engine.run(pop, batches, layout.hyper(finetune, device).index(rows))
 
 

@@ -19,7 +19,7 @@ from ..engine import Engine, default_engine
 from ..evaluate import immunity, test_options
 from ..population import AdamState, Population
 from ..runio import format_table, write_atomic, write_json
-from ..seeds import fresh_member_seeds, tool_seed
+from ..settings import fresh_member_seeds, tool_seed
 from ..step import Batches, sample_indices
 from .analysis import special_by_replicate
 from .runs import OpenRun, SavedGeneration, locked_run

@@ -22,7 +22,7 @@ from ..evaluate import clean_nll, immunity, quality, test_options
 from ..model import tensor_names
 from ..population import Population
 from ..runio import format_table, write_atomic, write_json
-from ..seeds import fresh_member_seeds, tool_seed
+from ..settings import fresh_member_seeds, tool_seed
 from ..stats import mean_interval
 from ..step import Batches, sample_indices
 from .analysis import special_by_replicate

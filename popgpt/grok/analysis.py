@@ -19,6 +19,7 @@ from ..population import Population
 from ..stats import mean_interval, wilson
 from .task import GrokConfig, answer_logits, pairs, train
 
+
 def first_step(curve: torch.Tensor, steps: list[int], threshold: float) -> torch.Tensor:
     """First step at which each member's curve (E, P) exceeds ``threshold``: [P] float, NaN if never."""
     above = curve > threshold

@@ -11,6 +11,7 @@ from ..runio import RunLock, claim_run_folder, environment, format_table, three_
 from .analysis import grokking
 from .task import GrokConfig
 
+
 def grok_markdown(res: dict, cfg: GrokConfig, plots: list[str]) -> str:
     s = res["summary"]
     cols = ["member", "train_step", "grok_step", "delay", "key_frequencies", "logit_share", "restricted_loss",

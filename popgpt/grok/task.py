@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from ..engine import Engine
 from ..model import ModelConfig
 from ..population import Population, default_seeds
-from ..seeds import tool_seed
+from ..settings import tool_seed
 from ..trainer import train as train_population
+
 
 @dataclass(frozen=True)
 class GrokConfig:

@@ -48,7 +48,7 @@ from ..data import BOUNDARY, IGNORE, docs_to_tensor
 from ..engine import Engine
 from ..model import ModelConfig
 from ..population import Population
-from ..seeds import fresh_member_seeds, tool_seed
+from ..settings import fresh_member_seeds, tool_seed
 from ..stats import mean_interval, wilson
 from ..step import Batches, TrainConfig
 from .cache import ablate_heads, run_with_cache

@@ -1,0 +1,87 @@
+"""Packed rows compute what the padded batch computes, member by member, on fewer positions."""
+
+import pytest
+import torch
+
+from conftest import NAMES
+from popgpt import ModelConfig, Population, TrainConfig
+from popgpt.data import IGNORE, docs_to_tensor, inputs_targets, load_names
+from popgpt.engine import Engine
+from popgpt.evolution.virus import Virus
+from popgpt.loss import losses_of, member_nll_sum
+from popgpt.packed import Plan, needed_lengths, packed_losses, packed_nll_sum, plan_round, plan_shared
+from popgpt.step import Batches
+
+CONFIGS = [ModelConfig(), ModelConfig(n_layer=2), ModelConfig(n_layer=2, norm=False, mlp=False),
+           ModelConfig(n_embd=16, n_head=2)]
+
+
+@pytest.fixture(scope="module")
+def rows():
+    names = load_names(NAMES)[:2000]
+    infected, _ = Virus("qx", "zzz").infect(names, 0.15, torch.Generator().manual_seed(0))
+    return docs_to_tensor(infected, 21)
+
+
+def batch(rows, P, B, seed):
+    return inputs_targets(rows[torch.randint(len(rows), (P, B), generator=torch.Generator().manual_seed(seed))])
+
+
+def test_needed_lengths_count_up_to_the_last_real_target():
+    y = torch.tensor([[3, 4, 0, IGNORE, IGNORE], [IGNORE, 5, IGNORE, IGNORE, IGNORE], [IGNORE] * 5])
+    assert needed_lengths(y).tolist() == [3, 2, 0]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"L{c.n_layer}-C{c.n_embd}-norm{c.norm}-mlp{c.mlp}")
+@pytest.mark.parametrize("groups", [1, 3, 8])
+def test_packed_loss_and_gradients_equal_the_padded_ones_member_by_member(rows, config, groups):
+    pop = Population.from_seeds(config, [1, 2, 3, 4, 5])
+    x, y = batch(rows, 5, 12, groups)
+    y[1, :, 2:4] = IGNORE  # targets missing inside rows: those positions are still read by later ones
+    plan = plan_round(y, groups)
+    assert plan.positions < 12 * 21 and sum(plan.rows) == 12
+    leaves = {k: v.clone().requires_grad_(True) for k, v in pop.params.items()}
+    padded = losses_of(pop.base, leaves, x, y)
+    packed = packed_losses(leaves, config, x, y, plan)
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=0)
+    g_padded = torch.autograd.grad(padded.sum(), list(leaves.values()))
+    g_packed = torch.autograd.grad(packed_losses(leaves, config, x, y, plan).sum(), list(leaves.values()))
+    for name, a, b in zip(leaves, g_packed, g_padded):
+        scale = b.flatten(1).abs().amax(1).clamp(min=1e-12)  # per member: float32 rounding of its gradient
+        assert bool(((a - b).flatten(1).abs().amax(1) <= 1e-4 * scale).all()), name
+
+
+def test_shared_rows_in_groups_of_one_length_equal_the_padded_sum(rows):
+    pop = Population.from_seeds(ModelConfig(n_layer=2), [7, 8, 9])
+    x, y = inputs_targets(rows[:300])
+    order = needed_lengths(y).sort(descending=True, stable=True).indices
+    x, y = x[order], y[order]
+    plan = plan_shared(needed_lengths(y).tolist())
+    assert plan.positions == int((y != IGNORE).sum())  # no padding at all
+    total, count = packed_nll_sum(pop.params, pop.config, x, y, plan)
+    torch.testing.assert_close(total, member_nll_sum(pop.logits(x), y), rtol=1e-5, atol=0)
+    assert count.tolist() == [int((y != IGNORE).sum())]
+
+
+def test_a_plan_too_short_for_a_row_would_cut_it_so_plans_take_the_longest(rows):
+    x, y = batch(rows, 4, 16, 0)
+    plan = plan_round(y, 4)
+    longest = needed_lengths(y).sort(dim=-1, descending=True).values  # (P, B)
+    start = 0
+    for size, length in zip(plan.rows, plan.lengths):
+        assert int(longest[:, start].max()) <= length  # every row of the group fits
+        start += size
+    assert plan_round(y, 4, multiple=4).lengths == tuple(min(21, -(-t // 4) * 4) for t in plan.lengths)
+    assert Plan((2, 2), (5, 3)).positions == 16
+
+
+def test_engines_train_packed_as_the_padded_loop_of_single_models(rows):
+    """Training end to end: packed (the default) equals padded, up to float rounding."""
+    idx = torch.randint(len(rows), (6, 4, 8), generator=torch.Generator().manual_seed(3))
+    out = {}
+    for packed in (True, False):
+        pop = Population.from_seeds(ModelConfig(), [1, 2, 3, 4])
+        Engine("eager", packed=packed).run(pop, Batches.shared(rows, idx), TrainConfig(lr=3e-3))
+        out[packed] = pop.params
+    for k in out[True]:
+        torch.testing.assert_close(out[True][k], out[False][k], rtol=1e-4, atol=1e-6, msg=k)
