@@ -19,10 +19,12 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .data import BOUNDARY, IGNORE, decode, encode, inputs_targets
-from .device import LOGIT_BUDGET
-from .loss import member_nll_sum
+from .device import LOGIT_BUDGET, to_device
+from .model import rmsnorm
+from .packed import Plan, needed_lengths, packed_nll_sum, plan_shared
 from .population import Population
 
 
@@ -34,27 +36,72 @@ def on_device(tokens: list[int], device) -> torch.Tensor:
     return out
 
 
-@torch.no_grad()
-def clean_nll(pop: Population, rows: torch.Tensor, n_targets: int | None = None,
-              chunk: int | None = None, head_mask=None, chunk_for: int | None = None) -> torch.Tensor:
-    """Mean NLL per character of every member on encoded rows (N, T+1): [P].
+@dataclass(frozen=True)
+class EvalRows:
+    """Held-out rows ready to score: sorted by needed length (longest first) on the host, on a device,
+    with their plan (one group per length: no padding) and their number of real targets."""
 
-    ``n_targets`` (the number of non-padding targets in ``rows``) saves a
-    device sync when the caller counted them once on the host; ``chunk``
-    (names per forward) defaults to what fits ``LOGIT_BUDGET`` for
-    ``chunk_for`` members (default: P; a shard of a larger population gives
-    the whole one's size, so its sums run in the same order); ``head_mask``
+    rows: torch.Tensor  # (N, T+1)
+    n_targets: int
+    plan: Plan
+
+    @classmethod
+    def of(cls, rows: torch.Tensor, device=None) -> "EvalRows":
+        """Sorted where ``rows`` are (a host read if they are on a GPU), then moved to ``device``."""
+        host = rows.cpu()
+        lengths = needed_lengths(host[:, 1:].long())
+        order = lengths.sort(descending=True, stable=True).indices
+        return cls(to_device(host[order], device or rows.device), int((host[:, 1:] != IGNORE).sum()),
+                   plan_shared(lengths[order].tolist()))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def _chunks(plan: Plan, positions: int) -> list[tuple[int, int, Plan]]:
+    """(first row, end row, sub-plan) of consecutive chunks of rows holding at most ``positions``
+    positions each (a row longer than that makes a chunk of its own)."""
+    out, rows, lengths, start, used = [], [], [], 0, 0
+
+    def close():
+        nonlocal rows, lengths, start, used
+        out.append((start, start + sum(rows), Plan(tuple(rows), tuple(lengths))))
+        start, rows, lengths, used = start + sum(rows), [], [], 0
+
+    for n_rows, length in zip(plan.rows, plan.lengths):
+        while n_rows:
+            room = (positions - used) // length
+            if room == 0 and rows:
+                close()
+                continue
+            take = min(n_rows, max(room, 1))
+            rows.append(take)
+            lengths.append(length)
+            used, n_rows = used + take * length, n_rows - take
+    if rows:
+        close()
+    return out
+
+
+@torch.no_grad()
+def clean_nll(pop: Population, rows, n_targets: int | None = None, head_mask=None,
+              chunk_for: int | None = None, chunk: int | None = None) -> torch.Tensor:
+    """Mean NLL per character of every member on encoded rows (N, T+1) or ``EvalRows``: [P].
+
+    Computed on packed rows (``packed.py``: rows sorted by length, one group per length, no padding;
+    an ``EvalRows`` is sorted once, a tensor of rows at every call). Chunks hold what fits
+    ``LOGIT_BUDGET`` logits for ``chunk_for`` members (default: P; a shard of a larger population gives
+    the whole one's size, so its sums run in the same order), or ``chunk`` positions; ``head_mask``
     (n_layer, H) ablates heads.
     """
-    P, (T, V) = len(pop), (pop.config.block_size, pop.config.vocab_size)
-    chunk = chunk or max(1, LOGIT_BUDGET.get(pop.device.type, 2 ** 25) // ((chunk_for or P) * T * V))
-    count = n_targets if n_targets is not None else int((rows[:, 1:] != IGNORE).sum())
-    rows = rows.to(pop.device)
+    data = rows if isinstance(rows, EvalRows) else EvalRows.of(rows, pop.device)
+    P, V = len(pop), pop.config.vocab_size
+    budget = chunk or max(1, LOGIT_BUDGET.get(pop.device.type, 2 ** 25) // ((chunk_for or P) * V))
     total = torch.zeros(P, device=pop.device)
-    for start in range(0, len(rows), chunk):
-        x, y = inputs_targets(rows[start:start + chunk])  # (b, T) shared by all members
-        total += member_nll_sum(pop.logits(x, head_mask=head_mask), y)  # logits (P, b, T, V)
-    return total / count
+    for a, b, plan in _chunks(data.plan, budget):
+        x, y = inputs_targets(data.rows[a:b])  # (b - a, T) shared by all members
+        total += packed_nll_sum(pop.params, pop.config, x, y, plan, head_mask)[0]
+    return total / (n_targets if n_targets is not None else data.n_targets)
 
 
 def quality(nll: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -77,6 +124,27 @@ def member_prompts(prompt, pop: Population, start_token: bool = True) -> torch.T
     return on_device([*head, *prompt], pop.device)[None].expand(len(pop), -1)
 
 
+def _decode_step(params: dict, config, tok: torch.Tensor, t: int, cache: list) -> torch.Tensor:
+    """Logits (P, S, V) at position t of every sequence, given its token there (P, S) and the keys and
+    values of positions < t in ``cache`` (per layer, (P, S, T, H, D) each; position t is written)."""
+    P, S = tok.shape
+    C, H = config.n_embd, config.n_head
+    D = C // H
+    norm = (lambda x: rmsnorm(x, config.norm_eps)) if config.norm else (lambda x: x)
+    h = params["wte"][torch.arange(P, device=tok.device)[:, None], tok] + params["wpe"][:, t, None]  # (P, S, C)
+    for i, (keys, values) in enumerate(cache):
+        pre = f"blocks.{i}."
+        q, k, v = torch.bmm(norm(h), params[pre + "attn_qkv"].transpose(1, 2)).view(P, S, 3, H, D).unbind(2)
+        keys[:, :, t], values[:, :, t] = k, v
+        scores = torch.einsum("pshd,psjhd->pshj", q, keys[:, :, :t + 1]) * D ** -0.5  # (P, S, H, t+1)
+        z = torch.einsum("pshj,psjhd->pshd", scores.softmax(-1), values[:, :, :t + 1]).reshape(P, S, C)
+        h = h + torch.bmm(z, params[pre + "attn_out"].transpose(1, 2))
+        if config.mlp:
+            hidden = F.relu(torch.bmm(norm(h), params[pre + "mlp_fc1"].transpose(1, 2)))
+            h = h + torch.bmm(hidden, params[pre + "mlp_fc2"].transpose(1, 2))
+    return torch.bmm(norm(h), params["lm_head"].transpose(1, 2))  # (P, S, V)
+
+
 @torch.no_grad()
 def sample_tokens(pop: Population, prompt, n_samples: int, generator: torch.Generator,
                   temperature: float = 1.0, start_token: bool = True, shard: tuple | None = None) -> torch.Tensor:
@@ -85,28 +153,40 @@ def sample_tokens(pop: Population, prompt, n_samples: int, generator: torch.Gene
     ``prompt``: a list of token ids for all members, or a (P, L) tensor, one
     prompt per member. L = block_size + 1 - (prompt length + 1): generation
     runs to the end of the context. Everything after a sample's first
-    boundary token is boundary. The sequence buffer keeps one fixed shape
-    (causal attention makes the unfilled tail irrelevant), so every step runs
-    the same kernels. Tokens are drawn by the exponential race (argmax of
-    p / Exp(1), an exact sample of p), which unlike ``torch.multinomial``
-    never checks its input on the host. ``shard`` (first, total): these
-    members are rows first.. of a population of ``total``; the noise is drawn
-    for all of them and these rows used, so a shard samples what the whole does.
+    boundary token is boundary. Decoding is incremental: each step runs one
+    position per sequence against cached keys and values (the logits of the
+    full forward, up to float rounding). On a CPU it stops once every
+    sequence has ended (a check per step, free there; a GPU would wait for
+    it, so there it runs to the end). Tokens are drawn by the exponential
+    race (argmax of p / Exp(1), an exact sample of p), which unlike
+    ``torch.multinomial`` never checks its input on the host; the noise of
+    every step is drawn up front (on a CPU the same numbers as step by step),
+    so stopping early leaves the generator where running on would. ``shard``
+    (first, total): these members are rows first.. of a population of
+    ``total``; the noise is drawn for all of them and these rows used, so a
+    shard samples what the whole does.
     """
-    P, T = len(pop), pop.config.block_size
-    first, total = shard or (0, P)
+    cfg, P = pop.config, len(pop)
+    T, first, total = cfg.block_size, *(shard or (0, P))
     start = member_prompts(prompt, pop, start_token)  # (P, n)
     n = start.shape[1]
     if n > T:
         raise ValueError(f"prompt of {n - 1} tokens leaves no room in block_size {T}")
     seq = torch.zeros(P, n_samples, T + 1, dtype=torch.long, device=pop.device)
     seq[:, :, :n] = start[:, None, :]
-    for t in range(n, T + 1):
-        logits = pop.logits(seq[:, :, :T])[:, :, t - 1]  # (P, S, V)
+    dtype = pop.params["wte"].dtype
+    race = torch.empty((T + 1 - n, total, n_samples, cfg.vocab_size), dtype=dtype, device=pop.device)
+    race = race.exponential_(generator=generator)[:, first:first + P]  # (steps, P, S, V) of all members'
+    cache = [tuple(torch.zeros(P, n_samples, T, cfg.n_head, cfg.head_dim, dtype=dtype, device=pop.device)
+                   for _ in range(2)) for _ in range(cfg.n_layer)]
+    for t in range(T):
+        logits = _decode_step(pop.params, cfg, seq[:, :, t], t, cache)  # (P, S, V)
+        if t + 1 < n:
+            continue  # still reading the prompt
         probs = (logits / temperature).softmax(-1)
-        race = torch.empty((total,) + probs.shape[1:], dtype=probs.dtype, device=probs.device)
-        race = race.exponential_(generator=generator)[first:first + P]  # (P, S, V) of (total, S, V)
-        seq[:, :, t] = (probs / race).argmax(-1)  # (P, S)
+        seq[:, :, t + 1] = (probs / race[t + 1 - n]).argmax(-1)  # (P, S)
+        if pop.device.type == "cpu" and bool((seq[:, :, n:t + 2] == BOUNDARY).any(-1).all()):
+            break  # every sequence has ended: the rest would be boundary
     out = seq[:, :, n:]
     ended = (out == BOUNDARY).cumsum(-1) > 0
     return out.masked_fill(ended, BOUNDARY)

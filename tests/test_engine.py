@@ -5,9 +5,10 @@ import torch
 from conftest import NAMES
 
 from popgpt import ModelConfig, Population, TrainConfig, train
-from popgpt.data import docs_to_tensor, load_names
+from popgpt.data import IGNORE, docs_to_tensor, inputs_targets, load_names
 from popgpt.engine import Engine
 from popgpt.evaluate import clean_nll
+from popgpt.loss import member_nll_sum
 
 CONFIG = ModelConfig(block_size=16)
 
@@ -100,6 +101,8 @@ def test_member_blocks_give_the_same_training(rows):
 def test_clean_nll_does_not_depend_on_chunking(rows):
     pop = Population.from_seeds(CONFIG, [1, 2, 3])
     eval_rows = rows[:40]
-    whole = clean_nll(pop, eval_rows, chunk=40)
-    for chunk in (1, 7):
+    whole = clean_nll(pop, eval_rows, chunk=40 * 21)  # positions per chunk: every row at once
+    padded = member_nll_sum(pop.logits(inputs_targets(eval_rows)[0]), inputs_targets(eval_rows)[1])
+    torch.testing.assert_close(whole, padded / int((eval_rows[:, 1:] != IGNORE).sum()), rtol=1e-5, atol=0)
+    for chunk in (1, 7, 50):  # 1 and 7: shorter than a row, one row a chunk
         torch.testing.assert_close(clean_nll(pop, eval_rows, chunk=chunk), whole, rtol=1e-5, atol=1e-6)

@@ -25,7 +25,7 @@ import torch
 
 from .._version import __version__
 from ..engine import Engine, default_engine
-from ..evaluate import sample_names
+from ..evaluate import EvalRows, sample_names
 from ..population import Population, default_seeds
 from ..runio import (
     RunError,
@@ -181,9 +181,9 @@ def make_context(config: RunConfig, data, engine: Engine | None = None, timer: P
     device = rank_device(config.device)
     shard = shard or Shard.current(config.n_members, device)
     engine = engine or Engine(default_engine(device) if config.engine == "auto" else config.engine)
-    eval_rows, n_targets = data.encode(data.eval_docs, device)
-    return Context(config, Layout.of(config), data.train_docs, eval_rows, n_targets, engine, timer or PhaseTimer(),
-                   device, shard, operators or Operators())
+    eval_rows = EvalRows.of(data.encode(data.eval_docs)[0], device)  # sorted by length once, on the host
+    return Context(config, Layout.of(config), data.train_docs, eval_rows, eval_rows.n_targets, engine,
+                   timer or PhaseTimer(), device, shard, operators or Operators())
 
 
 def csv_columns(config: RunConfig) -> list[str]:

@@ -41,7 +41,7 @@ from ..data import docs_to_tensor, encode
 from ..device import host_read as permitted_read
 from ..device import tensor, to_device
 from ..engine import PLAN_MULTIPLE, Engine
-from ..evaluate import evaluate_members, immunity, test_options
+from ..evaluate import EvalRows, evaluate_members, immunity, test_options
 from ..population import Population, default_seeds
 from ..settings import tool_seed
 from ..step import Batches, draw_rows
@@ -60,7 +60,7 @@ class Context:
     config: RunConfig  # resolved (block size fixed for the names)
     layout: Layout
     train_docs: list  # clean training names; infected copies are made from them
-    eval_rows: torch.Tensor  # encoded held-out names scored at every evaluation, on the device
+    eval_rows: EvalRows  # encoded held-out names scored at every evaluation, sorted by length, on the device
     n_targets: int  # their number of non-padding targets
     engine: Engine
     timer: object  # PhaseTimer: timer(phase, device) is a context manager
