@@ -111,13 +111,19 @@ def positions(plan: Plan, device) -> torch.Tensor:
     return torch.cat([torch.arange(t, device=device).repeat(r) for r, t in zip(plan.rows, plan.lengths)])
 
 
+def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Every member's x (P, n, in) @ its weight (P, out, in)^T: (P, n, out)."""
+    return torch.matmul(x, weight.transpose(1, 2))
+
+
 def _attention(qkv: torch.Tensor, plan: Plan, n_head: int, head_mask: torch.Tensor | None) -> torch.Tensor:
     """Causal self-attention within every row of every group: qkv (P, n, 3C) -> z (P, n, C)."""
     P, _, C3 = qkv.shape
     H, D = n_head, C3 // 3 // n_head
-    out, start = [], 0
-    for rows, T in zip(plan.rows, plan.lengths):
-        part = qkv[:, start:start + rows * T].view(P, rows, T, 3, H, D)
+    out = []
+    parts = qkv.split([rows * T for rows, T in zip(plan.rows, plan.lengths)], 1)  # one backward op, not 8
+    for (rows, T), part in zip(zip(plan.rows, plan.lengths), parts):
+        part = part.view(P, rows, T, 3, H, D)
         q, k, v = part.permute(3, 0, 4, 1, 2, 5).reshape(3, P * H * rows, T, D)  # 3 x (P*H*rows, T, D)
         # scores with keys first (R, T_k, T_q): a softmax over dim 1 runs fast on a CPU at every length,
         # over the last dim of a short row it does not
@@ -127,7 +133,6 @@ def _attention(qkv: torch.Tensor, plan: Plan, n_head: int, head_mask: torch.Tens
         if head_mask is not None:
             z = z * head_mask.view(1, H, 1, 1, 1)
         out.append(z.permute(0, 2, 3, 1, 4).reshape(P, rows * T, H * D))
-        start += rows * T
     return torch.cat(out, 1)
 
 
@@ -141,13 +146,13 @@ def packed_logits(params: dict, config: ModelConfig, x: torch.Tensor, plan: Plan
     norm = (lambda t: rmsnorm(t, config.norm_eps)) if config.norm else (lambda t: t)
     for i in range(config.n_layer):
         pre = f"blocks.{i}."
-        qkv = torch.bmm(norm(h), params[pre + "attn_qkv"].transpose(1, 2))  # (P, n, 3C)
+        qkv = _linear(norm(h), params[pre + "attn_qkv"])  # (P, n, 3C)
         z = _attention(qkv, plan, config.n_head, None if head_mask is None else head_mask[i])
-        h = h + torch.bmm(z, params[pre + "attn_out"].transpose(1, 2))
+        h = h + _linear(z, params[pre + "attn_out"])
         if config.mlp:
-            hidden = F.relu(torch.bmm(norm(h), params[pre + "mlp_fc1"].transpose(1, 2)))  # (P, n, 4C)
-            h = h + torch.bmm(hidden, params[pre + "mlp_fc2"].transpose(1, 2))
-    return torch.bmm(norm(h), params["lm_head"].transpose(1, 2))  # (P, n, V)
+            hidden = F.relu(_linear(norm(h), params[pre + "mlp_fc1"]))  # (P, n, 4C)
+            h = h + _linear(hidden, params[pre + "mlp_fc2"])
+    return _linear(norm(h), params["lm_head"])  # (P, n, V)
 
 
 def packed_nll_sum(params: dict, config: ModelConfig, x: torch.Tensor, y: torch.Tensor, plan: Plan,
