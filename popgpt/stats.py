@@ -19,7 +19,6 @@
 import math
 
 import torch
-from scipy import stats as _scipy
 
 PROPORTIONS = ["immune_frac", "retest_agreement", "payload_prob_mean"]  # bounded in [0, 1]
 NUMERIC = ["immune_frac", "n_immune", "n_diverged", "fitness_all", "fitness_immune", "fitness_vulnerable",
@@ -32,15 +31,21 @@ def t975(df: int) -> float:
     """The 0.975 quantile of Student's t with ``df`` degrees of freedom."""
     if df < 1:
         raise ValueError(f"degrees of freedom must be >= 1, got {df}")
-    return float(_scipy.t.ppf(0.975, df))
+    from scipy import stats  # imported when first needed: `import popgpt` stays light
+
+    return float(stats.t.ppf(0.975, df))
 
 
 def _values(values) -> list[float]:
     return [float(v) for v in values if v is not None and not math.isnan(float(v))]
 
 
-def mean_interval(values) -> tuple[float, float, float]:
-    """(mean, low, high) of the 95% t interval, ignoring NaN values."""
+SMALL_N = 3  # at or below this many values an interval rests on little: every table says so
+
+
+def mean_interval(values, low: float = -math.inf, high: float = math.inf) -> tuple[float, float, float]:
+    """(mean, low, high) of the 95% t interval, ignoring NaN values, clipped to the quantity's range
+    [``low``, ``high``] (a loss is >= 0, an AUC in [0, 1]: an interval never leaves what is possible)."""
     xs = _values(values)
     if not xs:
         return math.nan, math.nan, math.nan
@@ -49,7 +54,27 @@ def mean_interval(values) -> tuple[float, float, float]:
         return mean, math.nan, math.nan
     sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
     half = t975(len(xs) - 1) * sd / math.sqrt(len(xs))
-    return mean, mean - half, mean + half
+    return mean, max(low, mean - half), min(high, mean + half)
+
+
+def count_interval(flags) -> tuple[float, float, float]:
+    """(share, low, high): the share of true ``flags`` with its Wilson 95% interval (a proportion)."""
+    xs = [bool(v) for v in (flags.tolist() if isinstance(flags, torch.Tensor) else flags)]
+    if not xs:
+        return math.nan, math.nan, math.nan
+    p = sum(xs) / len(xs)
+    return (p, *wilson(p, len(xs)))
+
+
+def ci_text(mean: float, lo: float, hi: float, n: int, digits: int = 3, scale: float = 1.0) -> str:
+    """``mean [lo, hi]``, with a note when n <= SMALL_N values make the interval rough (or absent)."""
+    if math.isnan(mean):
+        return "-"
+    text = f"{mean * scale:.{digits}f}"
+    if math.isnan(lo):
+        return text + f" (n={n}: no interval)"
+    text += f" [{lo * scale:.{digits}f}, {hi * scale:.{digits}f}]"
+    return text + (f" (n={n}: rough)" if n <= SMALL_N else "")
 
 
 def wilson(p: float, n: float, z: float = 1.959964) -> tuple[float, float]:
@@ -187,7 +212,9 @@ def median_interval(values) -> tuple[float, float, float]:
     if not n:
         return math.nan, math.nan, math.nan
     median = xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
-    k = int(_scipy.binom.ppf(0.025, n, 0.5))  # P(Binom(n, 1/2) <= k - 1) <= 0.025
+    from scipy import stats
+
+    k = int(stats.binom.ppf(0.025, n, 0.5))  # P(Binom(n, 1/2) <= k - 1) <= 0.025
     if k < 1:
         return median, math.nan, math.nan
     return median, xs[k - 1], xs[n - k]

@@ -263,8 +263,8 @@ def score_rows(scores: dict, truth: torch.Tensor, queries: list, cfg: Attributio
             member = s[..., qi].cpu()  # (P, N)
             pooled = pool(member, cfg.pool)
             a = auc(pooled, truth)
-            m_auc = mean_interval([auc(m, truth) for m in member])
-            m_prec = mean_interval([precision_at_k(m, truth) for m in member])
+            m_auc = mean_interval([auc(m, truth) for m in member], 0.0, 1.0)
+            m_prec = mean_interval([precision_at_k(m, truth) for m in member], 0.0, 1.0)
             row = {"method": method, "query": "-" if method in QUERY_FREE else query.name,
                    "auc_members": m_auc[0], "auc_members_lo": m_auc[1], "auc_members_hi": m_auc[2],
                    "auc_pooled": a, "precision_members": m_prec[0], "precision_members_lo": m_prec[1],

@@ -23,7 +23,7 @@ from ..model import tensor_names
 from ..population import Population
 from ..runio import format_table, write_atomic, write_json
 from ..settings import fresh_member_seeds, tool_seed
-from ..stats import mean_interval
+from ..stats import ci_text, count_interval, mean_interval
 from ..step import Batches, sample_indices
 from .analysis import special_by_replicate
 from .runs import OpenRun, locked_run
@@ -127,7 +127,7 @@ def vaccination(run: OpenRun, cfg: VaccineConfig, device: str = "cpu") -> dict:
         for group, part in (("vaccinated", slice(0, n)), ("control", slice(n, 2 * n))):
             row = {"phase": phase, "group": group, "quality": _cell(m["quality"][part])}
             for t in triggers:
-                row[f"immune {t}"] = _cell(m[t]["immune"][part].float())
+                row[f"immune {t}"] = _cell(m[t]["immune"][part].bool())
                 row[f"p({t}->payload)"] = _cell(m[t]["payload_prob"][part])
             table.append(row)
     return {"config": dataclasses.asdict(cfg), "generation": last.generation, "donors": donors_idx.tolist(),
@@ -145,7 +145,8 @@ def write_vaccination(run_dir: str, results: dict, log=print) -> None:
     md = [f"# Vaccination: {', '.join(cfg['tensors'])} from {results['donor_rule']} donors {results['donors']}", "",
           f"{n} vaccinated members and {n} controls (same initialisation, same batches), {cfg['steps']} clean "
           f"steps" + (f", then {cfg['challenge_steps']} steps on infected names" if cfg["challenge_steps"] else "")
-          + ". Cells: mean [95% t interval] over members. Triggers: original "
+          + ". Cells: immune shares with Wilson 95% intervals; quality and payload probabilities as means with "
+          "95% t intervals (clipped to [0, 1]) over members. Triggers: original "
           f"`{triggers[0]}`, the run's last `{triggers[1]}`, mutants {', '.join(triggers[2:])}.", "",
           format_table(table, list(table[0]))]
     write_atomic(os.path.join(folder, "vaccine.md"), "\n".join(md) + "\n")
@@ -161,5 +162,7 @@ def vaccinate(run_dir: str, cfg: VaccineConfig, device: str = "cpu", log=print) 
 
 
 def _cell(x: torch.Tensor) -> str:
-    mean, lo, hi = mean_interval(x.tolist())
-    return f"{mean:.3f} [{lo:.3f}, {hi:.3f}]"
+    """A proportion (bool flags) with its Wilson interval, or a probability's mean with a t interval in [0, 1]."""
+    if x.dtype == torch.bool:
+        return ci_text(*count_interval(x), len(x))
+    return ci_text(*mean_interval(x.tolist(), 0.0, 1.0), len(x))

@@ -117,5 +117,6 @@ def summarize(rows: list[dict], cfg: GrokConfig) -> dict:
     for key in ("grok_step", "train_step", "delay", "n_key", "restricted_loss", "excluded_loss", "test_loss",
                 "weight_norm_end"):
         values = [r[key] for r in (grokked if key in ("grok_step", "delay") else rows)]
-        out[key] = list(mean_interval(values))
+        low = -math.inf if key == "delay" else 0.0  # steps, counts, losses and norms are >= 0
+        out[key] = list(mean_interval(values, low)) + [len([v for v in values if not math.isnan(v)])]
     return out

@@ -8,6 +8,7 @@ import torch
 
 from .._version import __version__
 from ..runio import RunLock, claim_run_folder, environment, format_table, three_decimals, write_atomic, write_json
+from ..stats import ci_text
 from .analysis import grokking
 from .task import GrokConfig
 
@@ -17,14 +18,16 @@ def grok_markdown(res: dict, cfg: GrokConfig, plots: list[str]) -> str:
     cols = ["member", "train_step", "grok_step", "delay", "key_frequencies", "logit_share", "restricted_loss",
             "excluded_loss", "test_acc", "weight_norm_start", "weight_norm_end"]
 
-    def cell(v):
-        return "never" if isinstance(v, float) and math.isnan(v) else three_decimals(v)
+    steps = {"member", "train_step", "grok_step", "delay"}
+
+    def cell(v, col=None):
+        if isinstance(v, float) and math.isnan(v):
+            return "never"
+        return str(int(v)) if col in steps and isinstance(v, float) and v.is_integer() else three_decimals(v)
 
     def ci(key, digits=0):
-        m, lo, hi = s[key]
-        if math.isnan(m):
-            return "n/a"
-        return f"{m:.{digits}f}" + ("" if math.isnan(lo) else f" [{lo:.{digits}f}, {hi:.{digits}f}]")
+        m, lo, hi, n = s[key]
+        return "n/a" if math.isnan(m) else ci_text(m, lo, hi, n, digits)
 
     md = [f"# Grokking a + b mod {cfg.p}: {cfg.members} members", "",
           f"d_model {cfg.d_model}, {cfg.n_head} heads, norm {'RMSNorm' if cfg.norm else 'none'}, "
@@ -36,8 +39,9 @@ def grok_markdown(res: dict, cfg: GrokConfig, plots: list[str]) -> str:
           f"({s['grokked_frac']:.0%}, 95% CI {s['grokked_frac_ci'][0]:.0%}-{s['grokked_frac_ci'][1]:.0%}); "
           f"grokking step {ci('grok_step')}; train-accuracy step {ci('train_step')}; delay {ci('delay')}; "
           f"key frequencies per member {ci('n_key', 1)}; restricted loss {ci('restricted_loss', 3)}, excluded loss "
-          f"{ci('excluded_loss', 3)}, test loss {ci('test_loss', 3)} (means, 95% t intervals).", "",
-          format_table(res["rows"], cols, cell=cell), ""]
+          f"{ci('excluded_loss', 3)}, test loss {ci('test_loss', 3)} (means, 95% t intervals over members, clipped "
+          f"to the possible range; 'rough' where 3 or fewer members give them).", "",
+          format_table([{c: cell(r[c], c) for c in cols} for r in res["rows"]], cols, cell=str), ""]
     md += [f"![{p}]({p})" for p in plots]
     return "\n".join(md) + "\n"
 
