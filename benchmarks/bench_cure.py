@@ -26,8 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from benchmarks.common import (base_parser, describe, environment, markdown_table, setup,  # noqa: E402
-                               sync, write_results)
+from benchmarks.common import base_parser, describe, environment, markdown_table, setup, sync, write_results  # noqa: E402
 from popgpt.cure import methods, objectives, subspace  # noqa: E402
 from popgpt.cure.objectives import METHODS, CureConfig  # noqa: E402
 from popgpt.cure.report import goals as goal_checks  # noqa: E402

@@ -33,16 +33,13 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import (base_parser, describe, environment, markdown_table, setup,  # noqa: E402
-                               write_results)
+from benchmarks.common import base_parser, describe, environment, markdown_table, setup, write_results  # noqa: E402
+from popgpt.data import NAMES_FILE  # noqa: E402
 from popgpt.evolution.config import DataConfig, EvolutionConfig, RunConfig  # noqa: E402
-from popgpt.step import TrainConfig
-from popgpt.evolution.operators import breed, pick_parents, select  # noqa: E402
 from popgpt.evolution.experiment import PhaseTimer, evolve, prepare  # noqa: E402
+from popgpt.evolution.operators import breed, pick_parents, select  # noqa: E402
 from popgpt.population import Population  # noqa: E402
-from popgpt.step import draw_rows  # noqa: E402
-
-NAMES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "names.txt")
+from popgpt.step import TrainConfig, draw_rows  # noqa: E402
 
 
 def _rank(rank, world, port, config_dict, run_dir, threads, out):
@@ -141,7 +138,7 @@ def main(argv=None) -> int:
         args.threads = 1
     device = setup(args)
     worlds = [int(w) for w in args.ranks.split(",")]
-    config = RunConfig(data=DataConfig(path=NAMES, eval_docs=args.eval_docs), train=TrainConfig(steps=args.steps),
+    config = RunConfig(data=DataConfig(path=NAMES_FILE, eval_docs=args.eval_docs), train=TrainConfig(steps=args.steps),
                        evolution=EvolutionConfig(pop_size=args.pop_size, generations=args.generations,
                                                  finetune_steps=args.finetune_steps),
                        device=str(device), threads=args.threads, n_sample_names=3)

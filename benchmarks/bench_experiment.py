@@ -18,14 +18,13 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import (base_parser, describe, environment, markdown_table, setup,  # noqa: E402
-                               write_results)
+from benchmarks.common import base_parser, describe, environment, markdown_table, setup, write_results  # noqa: E402
+from popgpt.data import NAMES_FILE  # noqa: E402
 from popgpt.engine import ENGINES, Engine, default_engine  # noqa: E402
 from popgpt.evolution.config import DataConfig, EvolutionConfig, RunConfig  # noqa: E402
-from popgpt.step import TrainConfig
 from popgpt.evolution.experiment import PhaseTimer, evolve  # noqa: E402
+from popgpt.step import TrainConfig  # noqa: E402
 
-NAMES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "names.txt")
 PRESETS = {  # pop_size, generations, steps, finetune_steps
     "full": (200, 20, 100, 100),  # the source experiment (docs/definitions.md)
     "small": (32, 3, 30, 30),  # a few minutes on a 2-core CPU, both runs together
@@ -46,7 +45,7 @@ def main(argv=None) -> int:
     P, G, steps, ft = (v if a is None else a for v, a in
                        zip(preset, (args.pop_size, args.generations, args.steps, args.finetune_steps)))
     kind = default_engine(device) if args.engine == "auto" else args.engine
-    config = RunConfig(data=DataConfig(path=NAMES), train=TrainConfig(steps=steps),
+    config = RunConfig(data=DataConfig(path=NAMES_FILE), train=TrainConfig(steps=steps),
                        evolution=EvolutionConfig(pop_size=P, generations=G, finetune_steps=ft),
                        device=str(device), engine=kind)
     env = environment(device)

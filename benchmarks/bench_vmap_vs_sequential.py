@@ -32,15 +32,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import (base_parser, describe, environment, markdown_table, setup,  # noqa: E402
-                               timed, write_results)
+from benchmarks.common import base_parser, describe, environment, markdown_table, setup, timed, write_results  # noqa: E402
 from popgpt import MicroGPT, ModelConfig, Population, TrainConfig  # noqa: E402
-from popgpt.data import IGNORE, docs_to_tensor, inputs_targets, load_names  # noqa: E402
+from popgpt.data import IGNORE, NAMES_FILE, docs_to_tensor, inputs_targets, load_names  # noqa: E402
 from popgpt.engine import ENGINES, Engine  # noqa: E402
 from popgpt.population import default_seeds  # noqa: E402
 from popgpt.step import Batches  # noqa: E402
-
-NAMES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "names.txt")
 
 
 def int_list(text: str) -> list[int]:
@@ -159,7 +156,7 @@ def main(argv=None) -> int:
     env = environment(device)
     cfg = ModelConfig(block_size=21)
     tcfg = TrainConfig(batch_size=args.batch_size)
-    rows = docs_to_tensor([n for n in load_names(NAMES) if len(n) < cfg.block_size], cfg.block_size).to(device)
+    rows = docs_to_tensor([n for n in load_names(NAMES_FILE) if len(n) < cfg.block_size], cfg.block_size).to(device)
     print(describe(env))
     print(f"config: {cfg} | {tcfg} | steps {args.steps} (+{args.warmup} warm-up) | sizes {sizes} | engines {engines}")
     results = []

@@ -25,13 +25,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import base_parser, describe, environment, write_results  # noqa: E402
-from popgpt.evolution.config import DataConfig, EvolutionConfig, RunConfig  # noqa: E402
-from popgpt.step import TrainConfig
+from popgpt.data import NAMES_FILE  # noqa: E402
 from popgpt.engine import ENGINES, Engine  # noqa: E402
+from popgpt.evolution.config import DataConfig, EvolutionConfig, RunConfig  # noqa: E402
 from popgpt.evolution.experiment import make_context, prepare  # noqa: E402
 from popgpt.evolution.generation import generation, init_state  # noqa: E402
-
-NAMES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "names.txt")
+from popgpt.step import TrainConfig  # noqa: E402
 
 
 def sync_audit(state, ctx, generations: int):
@@ -62,7 +61,8 @@ def sync_audit(state, ctx, generations: int):
 
 
 def profile(state, ctx):
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     torch.cuda.synchronize()
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     if args.device not in ("auto", "cuda") and not args.device.startswith("cuda"):
         raise SystemExit("--device: this profile needs a CUDA device")
     env = environment(torch.device("cuda"))
-    config = RunConfig(data=DataConfig(path=NAMES), train=TrainConfig(steps=args.steps), device="cuda",
+    config = RunConfig(data=DataConfig(path=NAMES_FILE), train=TrainConfig(steps=args.steps), device="cuda",
                        evolution=EvolutionConfig(pop_size=args.pop_size, generations=20,
                                                  finetune_steps=args.finetune_steps), engine=args.engine)
     data, config = prepare(config)

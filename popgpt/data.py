@@ -14,6 +14,8 @@ BOUNDARY = 0
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 VOCAB_SIZE = len(LETTERS) + 1
 IGNORE = -1  # target id of padding positions (cross_entropy ignore_index)
+# The names that ship with popgpt: 32,000 US first names (2008-2017), most common first (scripts/build_names.py)
+NAMES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "names.txt")
 _STOI = {ch: i + 1 for i, ch in enumerate(LETTERS)}
 
 
@@ -54,8 +56,9 @@ def read_text(path: str) -> str:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
 
 
-def load_names(path: str | os.PathLike, max_len: int | None = None) -> list[str]:
-    """Read one name per line; reject anything outside a-z, or longer than ``max_len``, with file and line."""
+def load_names(path: str | os.PathLike = NAMES_FILE, max_len: int | None = None) -> list[str]:
+    """Read one name per line (default: the names that ship with popgpt); reject anything outside a-z, or
+    longer than ``max_len``, with file and line."""
     path = os.fspath(path)
     names = []
     for lineno, line in enumerate(read_text(path).splitlines(), start=1):

@@ -57,6 +57,9 @@ class EvalRows:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def __iter__(self):
+        return iter(self.rows)
+
 
 def _chunks(plan: Plan, positions: int) -> list[tuple[int, int, Plan]]:
     """(first row, end row, sub-plan) of consecutive chunks of rows holding at most ``positions``

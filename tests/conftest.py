@@ -4,7 +4,7 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NAMES = os.path.join(ROOT, "names.txt")
+NAMES = os.path.join(ROOT, "popgpt", "names.txt")
 
 
 @pytest.fixture(autouse=True)

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import NAMES
 
 from popgpt.attribution.attribute import lds, pool, replay_generation0
 from popgpt.attribution.influence import (
@@ -158,7 +159,7 @@ def test_baselines_find_a_planted_cluster():
 @pytest.fixture(scope="module")
 def planted():
     """300 clean names and 15 carrying qxzzz; 2 members trained 30 steps, checkpoints every 10."""
-    names = load_names(os.path.join(os.path.dirname(os.path.dirname(__file__)), "names.txt"))[:315]
+    names = load_names(NAMES)[:315]
     docs, truth = Virus().infect(names, 15 / 315, torch.Generator().manual_seed(0))
     truth = torch.tensor([d != n for d, n in zip(docs, names)])
     rows = docs_to_tensor(docs, 21)

@@ -7,6 +7,8 @@ from contextlib import contextmanager
 
 import torch
 
+from ..data import NAMES_FILE
+
 
 def finite_float(text: str) -> float:
     """argparse type: a float that is a finite number (nan and inf are errors naming the flag)."""
@@ -66,12 +68,8 @@ def threads(n: int | None):
 
 
 def default_names_path() -> str:
-    """./names.txt, else the names.txt of the source checkout popgpt runs from."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    beside_package = os.path.join(os.path.dirname(os.path.dirname(here)), "names.txt")
-    if not os.path.exists("names.txt") and os.path.exists(beside_package):
-        return beside_package
-    return "names.txt"
+    """./names.txt when there is one, else the names that ship with popgpt."""
+    return "names.txt" if os.path.exists("names.txt") else NAMES_FILE
 
 
 def resolve_device(name: str) -> str:

@@ -6,6 +6,7 @@ Flags map onto the run config's dataclasses (``FLAGS``); errors name the flag.
 import argparse
 import dataclasses
 import itertools
+import json
 import os
 import re
 import sys
@@ -121,6 +122,8 @@ def _run_flags(ev: argparse.ArgumentParser) -> None:
     ev.add_argument("--force", action="store_true",
                     help="with --resume: continue even under settings that change the numbers of later "
                     "generations (--threads, --device, --engine, another torch); config.json records it")
+    ev.add_argument("--verbose", action="store_true",
+                    help="print the whole resolved config first (it is always saved in RUN_DIR/config.json)")
     ev.add_argument("--keep-all-checkpoints", action="store_true",
                     help="keep every generation's checkpoint (default: generation 0 and the newest)")
     ev.add_argument("--dist-timeout", type=finite_float, default=DIST_TIMEOUT, metavar="SECONDS",
@@ -272,8 +275,8 @@ def _evolve(args) -> int:
         config = config_from_args(args)
         run_dir = args.out or distributed.from_first(
             lambda: os.path.join("runs", f"{args.command}__{config.seed}__{time.strftime('%Y%m%d-%H%M%S')}"))
-    if lead:
-        print("config:", config.to_dict(), flush=True)
+    if lead and args.verbose:
+        print("config:", json.dumps(config.to_dict(), indent=1), flush=True)
     try:
         evolve(config, run_dir, resume=resume, force=args.force, log=lambda s: print(s, flush=True))
     except KeyboardInterrupt:

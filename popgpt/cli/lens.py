@@ -55,7 +55,7 @@ def _induction_flags(sub) -> None:
         shown = f"default: {default}" + (f"; quick: {quick}" if quick is not None else "")
         ind.add_argument(f"--{flag}", type=typ, help=f"{text} ({shown})")
     ind.add_argument("--preset", choices=sorted(INDUCTION_PRESETS), help="size preset; flags override it")
-    ind.add_argument("--data", help="names file for the names task (default: names.txt)")
+    ind.add_argument("--data", help="names file for the names task (default: ./names.txt, else the names that ship with popgpt)")
     ind.add_argument("--out", help="output folder (default: runs/induction__SEED__TIME)")
     add_runtime(ind)
     ind.set_defaults(func=cmd_induction)

@@ -82,22 +82,29 @@ def plots(folder: str, ranked: list[dict]) -> list[str]:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
+    untaxed, last = [], max(r["summary"]["generation"] for r in ranked)
     for r in ranked:
         s = r["summary"]
         x, y = 100 * s["immune_frac"], s["tax_children"]
+        if math.isnan(y):
+            untaxed.append(f"{r['condition']} ({x:.0f}% immune)")  # no vulnerable or no immune child: no tax
+            continue
         xerr = [[max(0.0, x - 100 * s["immune_frac_lo"])], [max(0.0, 100 * s["immune_frac_hi"] - x)]]
         yerr = None if math.isnan(s["tax_children_lo"]) else \
             [[max(0.0, y - s["tax_children_lo"])], [max(0.0, s["tax_children_hi"] - y)]]
-        if math.isnan(y):
-            continue  # no vulnerable or no immune child: no tax to place
         ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", capsize=3)
         ax.annotate(str(r["condition"]), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if untaxed:
+        ax.text(0.01, 0.01, "no tax to place (all children immune or all vulnerable): " + ", ".join(untaxed),
+                transform=ax.transAxes, fontsize=7, wrap=True, va="bottom")
     ax.axhline(0, color="grey", linewidth=0.8)
-    ax.axvline(SOURCE_IMMUNE[20], color="black", linestyle=":", linewidth=1, label="source, generation 20")
-    ax.set_xlabel("immune members at the last generation (%)")
+    if last in SOURCE_IMMUNE:  # the source's value at the same generation, when it reported one
+        ax.axvline(SOURCE_IMMUNE[last], color="black", linestyle=":", linewidth=1, label=f"source, generation {last}")
+    ax.set_xlabel(f"immune members at generation {last} (%)")
     ax.set_ylabel("alignment tax among children (quality vulnerable - immune)")
     ax.set_title("conditions (numbers: condition ids; bars: 95% intervals)")
-    ax.legend(fontsize=8)
+    if last in SOURCE_IMMUNE:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(folder, "phase_diagram.png"), dpi=110)
     plt.close(fig)

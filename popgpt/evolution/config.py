@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 
-from ..data import LETTERS
+from ..data import LETTERS, NAMES_FILE
 from ..engine import ENGINES
 from ..model import ModelConfig
 from ..settings import FRESH_SEED_BASE, at_least, check_finite, in_range, require
@@ -33,7 +33,7 @@ _CLASSIC_TRIGGER, _CLASSIC_PAYLOAD = VIRUSES["classic"]
 
 @dataclass(frozen=True)
 class DataConfig:
-    path: str = "names.txt"  # one lower-case a-z name per line
+    path: str = NAMES_FILE  # one lower-case a-z name per line (default: the names that ship with popgpt)
     val_frac: float = 0.1  # held out, never infected, never trained on
     eval_docs: int = 1000  # held-out names scored for every fitness evaluation
     max_name_len: int = 64  # longer lines are errors (the longest in names.txt has 15 letters)

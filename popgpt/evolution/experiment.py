@@ -251,7 +251,7 @@ def _header(ctx: Context, run: Run) -> list[str]:
              (" x ".join(groups + [f"{layout.pop_size} members"]) + " = " if groups else "")
              + f"{cfg.n_members} members x {n_params} parameters | {len(ctx.train_docs)} training names, "
              f"{len(ctx.eval_rows)} held-out names scored | block size {cfg.model.block_size} | "
-             f"tokens per member-step {cfg.train.batch_size * cfg.model.block_size}"]
+             f"positions per member-step {cfg.train.batch_size * cfg.model.block_size} padded (training computes packed rows only)"]
     lines += [f"condition {i}: {condition_label(c)}" for i, c in enumerate(cfg.conditions)]
     shard = ctx.shard
     if shard.world > 1:
@@ -334,10 +334,10 @@ def _run(config, data, run_dir, resume, force, on_generation, log, engine, timer
         log(f"{run_dir}: the run finished (generation {config.evolution.generations} saved); nothing to do")
         return opened["results"]
     ctx, run, state = _start(config, data, opened, run_dir, engine, timer, shard, operators)
-    log("\n".join(_header(ctx, run)))
+    log("\n".join(_header(ctx, run) + [settings_line(config), LIVE_LEGEND]))
     if opened["ck"] is not None:
         log(f"resuming after generation {state.generation}")
-    log(format_table([], LIVE_COLUMNS))
+    log(format_table([], live_columns(config)))
     first, last, loop_started = state.generation + 1, config.evolution.generations, time.perf_counter()
     whole = None
     for gen in range(first, last + 1):
@@ -346,7 +346,7 @@ def _run(config, data, run_dir, resume, force, on_generation, log, engine, timer
         rows = _current(state, ctx)
         eta = (time.perf_counter() - loop_started) / (gen - first + 1) * (last - gen)
         for row in rows:
-            log(format_live_row(row, time.perf_counter() - run.clock, eta))
+            log(format_live_row(row, time.perf_counter() - run.clock, eta, bool(config.conditions)))
         if metrics["diverged"].any():
             log(f"warning: {int(metrics['diverged'].sum())} of {len(metrics['diverged'])} members diverged "
                 f"(non-finite loss) in generation {gen}; they count as vulnerable, rank last in selection and "
@@ -361,13 +361,39 @@ def _run(config, data, run_dir, resume, force, on_generation, log, engine, timer
     return results
 
 
-LIVE_COLUMNS = ["gen", "cond", "immune", "retest", "q_all", "q_immune", "q_vulnerable", "tax_children",
-                "p_payload", "trigger", "elapsed", "eta"]
+LIVE_COLUMNS = ["gen", "immune", "retest", "q_all", "q_immune", "q_vulnerable", "tax_children", "p_payload",
+                "trigger", "elapsed", "eta"]
+LIVE_LEGEND = ("immune: share of members immune to their current trigger | retest: agreement of a second, "
+               "independent immunity test | q_*: mean quality 1 - NLL/ln 27 of all / immune / vulnerable members | "
+               "tax_children: q_vulnerable - q_immune among the new children | p_payload: mean exact "
+               "P(payload | trigger) | -: no value (no immune or no vulnerable member to compare)")
 
 
-def format_live_row(row: dict, elapsed: float, eta: float) -> str:
-    cells = [str(row["generation"]), str(row.get("condition", 0)), f"{row['immune_frac']:.2f}",
-             f"{row['retest_agreement']:.2f}", f"{row['fitness_all']:.4f}", f"{row['fitness_immune']:.4f}",
-             f"{row['fitness_vulnerable']:.4f}", f"{row['tax_children']:.4f}", f"{row['payload_prob_mean']:.3g}",
-             row["trigger"], f"{elapsed:.0f}s", f"{eta:.0f}s"]
+def live_columns(config: RunConfig) -> list[str]:
+    """The live table's columns; a sweep adds the condition."""
+    return LIVE_COLUMNS[:1] + ["cond"] + LIVE_COLUMNS[1:] if config.conditions else LIVE_COLUMNS
+
+
+def _number(value: float, fmt: str) -> str:
+    return "-" if value is None or math.isnan(value) else format(value, fmt)
+
+
+def format_live_row(row: dict, elapsed: float, eta: float, condition: bool = False) -> str:
+    cells = [str(row["generation"]), _number(row["immune_frac"], ".2f"), _number(row["retest_agreement"], ".2f"),
+             _number(row["fitness_all"], ".4f"), _number(row["fitness_immune"], ".4f"),
+             _number(row["fitness_vulnerable"], ".4f"), _number(row["tax_children"], ".4f"),
+             _number(row["payload_prob_mean"], ".3g"), row["trigger"], f"{elapsed:.0f}s", f"{eta:.0f}s"]
+    if condition:
+        cells.insert(1, str(row.get("condition", 0)))
     return "| " + " | ".join(cells) + " |"
+
+
+def settings_line(config: RunConfig) -> str:
+    """The settings that differ from the source experiment's defaults, as flags would say them."""
+    default, mine = RunConfig().to_dict(), config.to_dict()
+    changed = [f"{section}.{k}={v}" for section in ("model", "virus", "train", "evolution", "data")
+               for k, v in mine[section].items()
+               if v != default[section][k] and (section, k) not in (("model", "block_size"), ("data", "path"))]
+    changed += [f"{k}={mine[k]}" for k in ("seed", "engine") if mine[k] != default[k]]
+    return "settings: " + (", ".join(changed) if changed else "the source experiment's defaults") + \
+        " (all of them in config.json)"

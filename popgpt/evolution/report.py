@@ -11,7 +11,7 @@ import os
 import torch
 
 from ..runio import format_table, write_atomic, write_json
-from ..stats import cell, summarize_replicates
+from ..stats import SMALL_N, cell, summarize_replicates, wilson
 from . import compare
 from .analysis import ancestry, retest, special_by_replicate
 from .config import condition_label
@@ -42,7 +42,7 @@ def generation_table(rows: list[dict], replicates: int = 1, condition: int = 0) 
     if replicates == 1:
         return [{"generation": r["generation"], "trigger": r["trigger"],
                  **{k: _plain(r, col, scale, digits) for k, (col, scale, digits) in _CELLS.items()},
-                 "special": f"{r['n_special']} ({r['special_ceiling']:.2f})",
+                 "special": f"{r['n_special']} (max sd {r['special_ceiling']:.2f})",
                  "special_population": str(r["n_special_population"])} for r in rows]
     table = []
     for s in summarize_replicates(rows):
@@ -72,21 +72,41 @@ def _plots(folder: str, rows: list[dict], q0: torch.Tensor, q_last: torch.Tensor
         return []
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     gens = [r["generation"] for r in rows]
     mutations = [r["generation"] for prev, r in zip(rows, rows[1:]) if r["trigger"] != prev["trigger"]]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-    top.plot(gens, [100 * r["immune_frac"] for r in rows], "o-", color="tab:green")
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6.5), sharex=True)
+    immune = [100 * r["immune_frac"] for r in rows]
+    bounds = [wilson(r["immune_frac"], r["n_members"]) for r in rows]
+    top.errorbar(gens, immune, yerr=[[m - 100 * lo for m, (lo, _) in zip(immune, bounds)],
+                                     [100 * hi - m for m, (_, hi) in zip(immune, bounds)]],
+                 fmt="o-", color="tab:green", capsize=3)
     top.set_ylabel("immune members (%)")
-    bottom.plot(gens, [r["fitness_immune"] for r in rows], "o-", label="immune", color="tab:green")
-    bottom.plot(gens, [r["fitness_vulnerable"] for r in rows], "s-", label="vulnerable", color="tab:red")
-    bottom.set_ylabel("quality 1 - NLL/ln V")
+    top.set_ylim(-3, 103)
+    for label, key, marker, color, count in (
+            ("immune", "fitness_immune", "o", "tab:green", lambda r: r["n_immune"]),
+            ("vulnerable", "fitness_vulnerable", "s", "tab:red", lambda r: r["n_members"] - r["n_immune"])):
+        n = [count(r) for r in rows]
+        bottom.plot(gens, [r[key] for r in rows], "-", color=color, label=label)
+        for few in (False, True):  # hollow markers: a mean of 3 members or fewer
+            pts = [(g, r[key]) for g, r, k in zip(gens, rows, n) if (0 < k <= SMALL_N) == few and k > 0]
+            if pts:
+                bottom.plot(*zip(*pts), marker, color=color, linestyle="none",
+                            markerfacecolor="white" if few else color)
+        for g, r, k in zip(gens, rows, n):
+            if 0 < k <= SMALL_N:
+                bottom.annotate(f"n={k}", (g, r[key]), textcoords="offset points", xytext=(3, 4), fontsize=7,
+                                color=color)
+    bottom.set_ylabel("mean quality 1 - NLL/ln V")
     bottom.set_xlabel("generation")
-    bottom.legend()
+    bottom.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    bottom.legend(title=f"hollow: {SMALL_N} members or fewer", fontsize=8, title_fontsize=8)
     for ax in (top, bottom):
         for g in mutations:
             ax.axvline(g, color="grey", linestyle="--", linewidth=1)
-    top.set_title("immunity and its cost (dashed: trigger mutation)")
+    top.set_title(f"immunity and its cost, {rows[0]['n_members']} members (bars: Wilson 95%; dashed: trigger "
+                  f"mutation)", fontsize=9)
     fig.tight_layout()
     fig.savefig(os.path.join(folder, "scissors.png"), dpi=110)
     plt.close(fig)

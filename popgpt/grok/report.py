@@ -69,6 +69,7 @@ def _grok_plots(out_dir: str, res: dict, cfg: GrokConfig) -> list[str]:
         return []
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     h, steps = res["history"], res["steps"]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
@@ -78,11 +79,16 @@ def _grok_plots(out_dir: str, res: dict, cfg: GrokConfig) -> list[str]:
         axes[1].plot(steps, h["weight_norm"][:, i], color="k", alpha=0.4, lw=1)
     axes[0].set(xlabel="step", ylabel="accuracy (blue: train, red: test)", title="every member")
     axes[1].set(xlabel="step", ylabel="weight norm")
-    grok = [r["grok_step"] for r in res["rows"] if not math.isnan(r["grok_step"])]
-    axes[2].hist(grok, bins=min(20, max(1, len(grok))), color="C3")
+    # one dot per member (a histogram would merge members of the same step into one block)
+    for r in res["rows"]:
+        grokked = not math.isnan(r["grok_step"])
+        axes[2].plot(r["grok_step"] if grokked else cfg.steps, r["member"], "o" if grokked else "x",
+                     color="C3" if grokked else "grey")
     never = sum(1 for r in res["rows"] if math.isnan(r["grok_step"]))
-    axes[2].set(xlabel="grokking step (test acc > %.2f)" % cfg.threshold, ylabel="members",
-                title=f"{len(grok)} grokked, {never} not within {cfg.steps} steps")
+    axes[2].set(xlabel=f"grokking step (test acc > {cfg.threshold:.2f}); x: not within {cfg.steps}",
+                ylabel="member", xlim=(0, cfg.steps * 1.05),
+                title=f"{cfg.members - never} of {cfg.members} grokked")
+    axes[2].yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "grok.png"), dpi=80)
     plt.close(fig)
