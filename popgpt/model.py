@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from .data import VOCAB_SIZE
+from .data import BOUNDARY, VOCAB_SIZE, decode, encode
 
 BLOCK_TENSORS = ("attn_qkv", "attn_out", "mlp_fc1", "mlp_fc2")
 
@@ -209,6 +209,41 @@ class MicroGPT(nn.Module):
             x = hook(pre + "hook_resid_post", x)
         logits = F.linear(norm("ln_final.hook_normalized", x), self.lm_head)  # (B, T, V)
         return (logits, cache) if return_cache else logits
+
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"n_layer={c.n_layer}, n_embd={c.n_embd}, n_head={c.n_head}, vocab_size={c.vocab_size}, "
+                f"block_size={c.block_size}, norm={c.norm}, mlp={c.mlp}, "
+                f"parameters={sum(p.numel() for p in self.parameters()):,}")
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """``idx`` (B, T) extended by up to ``max_new_tokens`` sampled tokens (never past ``block_size``): (B, T').
+
+        Every row continues after it writes the boundary token; cut rows there (``sample`` does)."""
+        if temperature <= 0:
+            raise ValueError(f"temperature {temperature}: must be > 0")
+        for _ in range(min(max_new_tokens, self.config.block_size - idx.shape[1])):
+            logits = self(idx)[:, -1] / temperature  # (B, V)
+            nxt = torch.multinomial(torch.softmax(logits.float(), -1), 1, generator=generator)  # (B, 1)
+            idx = torch.cat([idx, nxt.to(idx.dtype)], 1)
+        return idx
+
+    def sample(self, n: int = 10, prompt: str = "", temperature: float = 1.0,
+               generator: torch.Generator | None = None) -> list[str]:
+        """``n`` names sampled after the start token and ``prompt``, each cut at its end (the boundary token)."""
+        device = self.wte.device
+        start = torch.tensor([[BOUNDARY, *encode(prompt)]], device=device).expand(n, -1)  # (n, 1 + len(prompt))
+        if start.shape[1] >= self.config.block_size:
+            raise ValueError(f"prompt {prompt!r} leaves no room in block_size {self.config.block_size}")
+        rows = self.generate(start, self.config.block_size, temperature, generator)[:, start.shape[1]:]
+        out = []
+        for row in rows.tolist():
+            end = row.index(BOUNDARY) if BOUNDARY in row else len(row)
+            out.append(prompt + decode(row[:end]))
+        return out
 
 
 BLOCK_HOOKS = ("hook_resid_pre", "ln1.hook_normalized", "attn.hook_q", "attn.hook_k", "attn.hook_v",

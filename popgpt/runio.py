@@ -238,6 +238,16 @@ def format_table(rows: list[dict], columns: list[str], cell=three_decimals) -> s
     return "\n".join(lines)
 
 
+class Progress:
+    """One line per stage of a long command, with the seconds since it started: ``step("training")``."""
+
+    def __init__(self, log, what: str):
+        self.log, self.what, self.start = log, what, time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        self.log(f"{self.what}: {message} ({time.perf_counter() - self.start:.1f} s)")
+
+
 def environment(device: torch.device, version: str) -> dict:
     """Facts a result depends on: versions (``version``: popgpt's), device, threads, git commit."""
     try:

@@ -1,3 +1,4 @@
+
 import pytest
 import torch
 
@@ -92,3 +93,28 @@ def test_the_step_module_and_the_train_function_do_not_shadow_each_other():
 
     assert callable(popgpt.train) and popgpt.train.__module__ == "popgpt.trainer"
     assert hasattr(step_module, "adam_step") and hasattr(step_module, "Batches")
+
+
+def test_sample_is_seeded_stops_at_the_boundary_and_keeps_the_prompt():
+    model = MicroGPT(ModelConfig(), generator=torch.Generator().manual_seed(0))
+    a = model.sample(8, prompt="em", generator=torch.Generator().manual_seed(3))
+    b = model.sample(8, prompt="em", generator=torch.Generator().manual_seed(3))
+    assert a == b and all(n.startswith("em") and n.isalpha() for n in a)
+    assert a != model.sample(8, prompt="em", generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():  # a model that always ends the name: nothing after the prompt
+        for name, p in model.named_parameters():
+            p.fill_(1.0 if name == "wte" else 0.0)  # every position's residual is all ones
+        model.lm_head[0].fill_(100.0)
+    assert model.sample(3, prompt="ann", generator=torch.Generator().manual_seed(0)) == ["ann"] * 3
+    assert "parameters=" in repr(model) and "n_embd=24" in repr(model)
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(torch.zeros(1, 1, dtype=torch.long), 3, temperature=0)
+
+
+def test_saved_generation_gives_members(make_tiny_run):
+    from popgpt.evolution.runs import open_run
+
+    saved = open_run(make_tiny_run(generations=0)).load(0)
+    model = saved.member(1)
+    assert len(saved) == 8 and isinstance(model, MicroGPT)
+    assert torch.equal(model.wte, saved.population.member(1).wte) and len(model.sample(2)) == 2

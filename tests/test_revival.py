@@ -55,6 +55,7 @@ def test_revive_tables_agree_with_the_per_member_times(tiny_run):
 def test_revive_cli(tiny_run, capsys):
     assert main(["revive", tiny_run, "--steps", "2", "--every", "1", "--controls", "2", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
+    assert "revive: re-exposing" in out and "revive: step 2/2:" in out  # progress, one line per test
     res = json.load(open(os.path.join(tiny_run, "revival", "results.json")))
     assert res["config"]["steps"] == 2 and [r["step"] for r in res["curve"]] == [0, 1, 2]
     controls = res["steps_to_vulnerable"][-2:]

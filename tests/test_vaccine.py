@@ -62,6 +62,7 @@ def test_vaccinate_cli(tiny_run, capsys):
 
     assert main(["vaccinate", tiny_run, "--recipients", "4", "--steps", "3", "--triggers", "1",
                  "--device", "cpu"]) == 0
+    assert "vaccinate: training 3 steps on clean names" in capsys.readouterr().out  # progress
     res = json.load(open(os.path.join(tiny_run, "vaccine", "results.json")))
     before = res["table"][:2]
     assert before[0]["quality"] != before[1]["quality"]  # the transplant changed the vaccinated

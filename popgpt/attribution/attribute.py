@@ -158,8 +158,9 @@ def candidates(replay: Replay, cfg: AttributionConfig, gen: torch.Generator) -> 
 
 
 def gradient_scores(replay: Replay, config, rows: torch.Tensor, queries: list, cfg: AttributionConfig,
-                    gen: torch.Generator, gn_rows: torch.Tensor) -> tuple[dict, dict]:
-    """TracIn per checkpoint (C, P, N, Q) and GN influence at the end (P, N, Q); seconds of each part."""
+                    gen: torch.Generator, gn_rows: torch.Tensor, log=lambda s: None) -> tuple[dict, dict]:
+    """TracIn per checkpoint (C, P, N, Q) and GN influence at the end (P, N, Q); seconds of each part.
+    ``log`` gets a line per checkpoint."""
     first = Population(config, replay.snapshots[replay.steps])
     D = n_params(first)
     proj = random_projection(D, cfg.proj_dim, gen, first.device) if cfg.proj_dim else None
@@ -173,6 +174,7 @@ def gradient_scores(replay: Replay, config, rows: torch.Tensor, queries: list, c
         if final:
             solved = _solve_per_member(pop, gn_rows, q, proj, cfg, gen)
             seconds["gauss_newton"] = time.perf_counter() - t0
+            log(f"  Gauss-Newton solve of {len(pop)} members: {seconds['gauss_newton']:.1f} s")
             t0 = time.perf_counter()
         tracin = torch.zeros(len(pop), len(rows), len(queries), device=pop.device)
         influence = torch.zeros_like(tracin) if final else None
@@ -181,6 +183,7 @@ def gradient_scores(replay: Replay, config, rows: torch.Tensor, queries: list, c
             if final:
                 influence[:, idx] = g @ solved
         per_ckpt[step], seconds[step] = tracin, time.perf_counter() - t0
+        log(f"  checkpoint step {step}: {len(rows):,} names x {len(pop)} members, {seconds[step]:.1f} s")
         if final:
             influence_scores = influence
     return {"per_checkpoint": per_ckpt, "influence": influence_scores}, seconds
@@ -195,9 +198,10 @@ def _solve_per_member(pop: Population, gn_rows, q, proj, cfg: AttributionConfig,
     return out
 
 
-def all_scores(replay: Replay, config, rows, queries, cfg: AttributionConfig, gen, gn_rows) -> tuple[dict, dict]:
+def all_scores(replay: Replay, config, rows, queries, cfg: AttributionConfig, gen, gn_rows,
+               log=lambda s: None) -> tuple[dict, dict]:
     """Every method's scores (P, N, Q) (query-free baselines repeated over Q) and its seconds."""
-    grads, sec = gradient_scores(replay, config, rows, queries, cfg, gen, gn_rows)
+    grads, sec = gradient_scores(replay, config, rows, queries, cfg, gen, gn_rows, log)
     per, lr = grads["per_checkpoint"], replay.hyper.lr.to(rows.device)[:, None, None]  # TracInCP weights: lr
     Q = len(queries)
     scores = {"tracin": sum(per[s] for s in cfg.checkpoints) * lr, "tracin-final": per[replay.steps] * lr,
@@ -297,7 +301,7 @@ def attribution_tables(run: OpenRun, cfg: AttributionConfig, device="cpu", log=p
                Query.names(docs_to_tensor(run.data.eval_docs[:cfg.query_names], run.config.model.block_size))]
     log(f"scoring {len(docs):,} names ({int(truth.sum()):,} infected) x {cfg.members} members x "
         f"{len(set(cfg.checkpoints) | {replay.steps})} checkpoints ...")
-    scores, times = all_scores(replay, run.config.model, rows, queries, cfg, gen, gn_rows)
+    scores, times = all_scores(replay, run.config.model, rows, queries, cfg, gen, gn_rows, log)
     by_step = times.pop("_by_step")
     lds_data = None
     if cfg.lds_members:

@@ -18,7 +18,7 @@ import torch
 from ..engine import Engine, default_engine
 from ..evaluate import immunity, test_options
 from ..population import AdamState, Population
-from ..runio import format_table, write_atomic, write_json
+from ..runio import Progress, format_table, write_atomic, write_json
 from ..settings import fresh_member_seeds, tool_seed
 from ..step import Batches, sample_indices
 from .analysis import special_by_replicate
@@ -105,33 +105,38 @@ def _tables(groups: dict, vulnerable: torch.Tensor, prob: torch.Tensor, checkpoi
 
 
 def reexpose(pop: Population, virus, rows: torch.Tensor, checkpoints: list[int], rc, engine: Engine,
-             gdev: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+             gdev: torch.Generator, log=lambda s: None) -> tuple[torch.Tensor, torch.Tensor]:
     """Train ``pop`` in place on infected ``rows`` (the run's batch size and optimizer settings ``rc``),
     running the run's immunity test against ``virus`` at every step of ``checkpoints``: vulnerable
-    (K, P) bool and exact payload probability (K, P), on the host."""
+    (K, P) bool and exact payload probability (K, P), on the host. ``log`` gets one line per test."""
     vulnerable, prob = [], []
     for k, step in enumerate(checkpoints):
         imm = immunity(pop, virus, gdev, **test_options(rc.virus))
         vulnerable.append(imm.vulnerable.cpu())
         prob.append(imm.payload_prob.cpu())
+        log(f"step {step}/{checkpoints[-1]}: {vulnerable[-1].float().mean():.0%} of {len(pop)} vulnerable")
         if k + 1 < len(checkpoints):
             idx = sample_indices(len(rows), checkpoints[k + 1] - step, len(pop), rc.train.batch_size, gdev)
             engine.run(pop, Batches.shared(rows, idx), rc.train)
     return torch.stack(vulnerable), torch.stack(prob)
 
 
-def revival(run: OpenRun, cfg: RevivalConfig, device: str = "cpu") -> dict:
-    """Re-expose the newest generation's immune members and controls; returns the tables (nothing written)."""
+def revival(run: OpenRun, cfg: RevivalConfig, device: str = "cpu", log=lambda s: None) -> dict:
+    """Re-expose the newest generation's immune members and controls; returns the tables (nothing written).
+    ``log`` gets one line per stage and immunity test."""
+    step = Progress(log, "revive")
     rc, dev = run.config, torch.device(device)
     last = run.load(device=dev)
     engine = Engine(default_engine(dev))
     g = torch.Generator().manual_seed(tool_seed(rc.seed, "revival", cfg.seed, "host"))
     gdev = torch.Generator(dev).manual_seed(tool_seed(rc.seed, "revival", cfg.seed, "device"))
+    step(f"generation {last.generation}: training {cfg.controls} never-infected controls")
     pop, groups = _patients(run, last, cfg, dev, engine, gdev)
+    step(f"re-exposing {len(pop)} members to {last.virus.trigger!r} -> {last.virus.payload!r}")
     infected, _ = last.virus.infect(run.data.train_docs, rc.virus.rate, g, rc.virus.position)
     rows, _ = run.data.encode(infected, dev)
     checkpoints = list(range(0, cfg.steps + 1, cfg.every))
-    vulnerable, prob = reexpose(pop, last.virus, rows, checkpoints, rc, engine, gdev)
+    vulnerable, prob = reexpose(pop, last.virus, rows, checkpoints, rc, engine, gdev, step)
     summary, curve, when = _tables(groups, vulnerable, prob, checkpoints, cfg.steps)
     return {"config": dataclasses.asdict(cfg), "generation": last.generation, "trigger": last.virus.trigger,
             "payload": last.virus.payload, "clean_steps": rc.train.steps,
@@ -157,6 +162,6 @@ def write_revival(run_dir: str, results: dict, log=print) -> None:
 def revive(run_dir: str, cfg: RevivalConfig, device: str = "cpu", log=print) -> dict:
     """``revival`` written to ``RUN_DIR/revival/``; returns its results."""
     with locked_run(run_dir, "popgpt revive", log) as run:
-        results = revival(run, cfg, device)
+        results = revival(run, cfg, device, log)
         write_revival(run_dir, results, log)
     return results

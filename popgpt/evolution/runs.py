@@ -73,6 +73,13 @@ class SavedGeneration:
         """The first lineage's virus (every lineage's, when replicates share their data)."""
         return self.viruses[0]
 
+    def __len__(self) -> int:
+        return len(self.population)
+
+    def member(self, i: int):
+        """Member ``i`` as a standalone ``MicroGPT`` (``.sample(n)`` writes names)."""
+        return self.population.member(i)
+
     def member_triggers(self) -> torch.Tensor:
         """Each member's trigger as token ids (P, L): its lineage's."""
         triggers = torch.tensor([encode(v.trigger) for v in self.viruses])

@@ -21,7 +21,7 @@ from ..engine import Engine, default_engine
 from ..evaluate import clean_nll, immunity, quality, test_options
 from ..model import tensor_names
 from ..population import Population
-from ..runio import format_table, write_atomic, write_json
+from ..runio import Progress, format_table, write_atomic, write_json
 from ..settings import fresh_member_seeds, tool_seed
 from ..stats import ci_text, count_interval, mean_interval
 from ..step import Batches, sample_indices
@@ -86,9 +86,11 @@ def _triggers(original: Virus, last_trigger: str, n: int, generator: torch.Gener
     return triggers
 
 
-def vaccination(run: OpenRun, cfg: VaccineConfig, device: str = "cpu") -> dict:
-    """Run the vaccination experiment on a saved run's newest generation; returns its tables (nothing written)."""
+def vaccination(run: OpenRun, cfg: VaccineConfig, device: str = "cpu", log=lambda s: None) -> dict:
+    """Run the vaccination experiment on a saved run's newest generation; returns its tables (nothing written).
+    ``log`` gets one line per stage."""
     rc, dev = run.config, torch.device(device)
+    step = Progress(log, "vaccinate")
     last = run.load(device=dev)
     donors_idx, rule = pick_donors(last.metrics, cfg.n_donors, cfg.sigma, last.layout.n_groups)
     donors = last.population[donors_idx.to(dev)]
@@ -114,13 +116,17 @@ def vaccination(run: OpenRun, cfg: VaccineConfig, device: str = "cpu") -> dict:
         return _measure(both, triggers, original.payload, eval_rows, n_targets, gdev,
                         test_options(rc.virus))
 
+    step(f"{n} vaccinated + {n} controls from donors {donors_idx.tolist()} ({rule}); measuring")
     phases = {"before": measure()}
+    step(f"training {cfg.steps} steps on clean names")
     train_on(run.data.train_docs, cfg.steps)
     phases["after clean training"] = measure()
     if cfg.challenge_steps:
+        step(f"challenge: {cfg.challenge_steps} steps on infected names")
         infected, _ = original.infect(run.data.train_docs, rc.virus.rate, g, rc.virus.position)
         train_on(infected, cfg.challenge_steps)
         phases["after challenge"] = measure()
+    step("done")
 
     table = []
     for phase, m in phases.items():
@@ -156,7 +162,7 @@ def write_vaccination(run_dir: str, results: dict, log=print) -> None:
 def vaccinate(run_dir: str, cfg: VaccineConfig, device: str = "cpu", log=print) -> dict:
     """``vaccination`` written to ``RUN_DIR/vaccine/``; returns its results."""
     with locked_run(run_dir, "popgpt vaccinate", log) as run:
-        results = vaccination(run, cfg, device)
+        results = vaccination(run, cfg, device, log)
         write_vaccination(run_dir, results, log)
     return results
 
