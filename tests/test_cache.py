@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from popgpt import ModelConfig, Population
+from popgpt import MicroGPT, ModelConfig, Population
 from popgpt.lens.cache import (
     Edit,
     ablate_heads,
@@ -276,3 +276,18 @@ def test_hooked_transformer_matches_an_exported_member(pop):
         _, ours = run_with_cache(pop, TOKENS, ["blocks.1.attn.hook_pattern"])
         torch.testing.assert_close(cache["blocks.1.attn.hook_pattern"], ours["blocks.1.attn.hook_pattern"][2],
                                    rtol=1e-4, atol=1e-5)
+
+
+def test_a_missing_or_broken_transformer_lens_names_the_real_import_error(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def broken(name, *args, **kw):
+        if name == "transformer_lens":
+            raise ImportError("cannot import name 'HookedTransformer' from 'transformer_lens'")
+        return real_import(name, *args, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", broken)
+    with pytest.raises(ImportError, match=r"2\.x or 3\.x.*cannot import name 'HookedTransformer'"):
+        to_hooked_transformer(MicroGPT(ModelConfig()))

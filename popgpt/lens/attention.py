@@ -33,9 +33,10 @@ def patterns(pop: Population, tokens: list[int]) -> torch.Tensor:
     return torch.stack([cache[n][:, 0] for n in names], 1).cpu()  # (P, L, H, T, T)
 
 
-def pick_members(picks: list[str], metrics: dict) -> list[tuple[int, str]]:
+def pick_members(picks: list[str], metrics: dict, trigger: str | None = None) -> list[tuple[int, str]]:
     """Member indices from ``--member`` values (an index, ``best-vulnerable`` or ``best-immune``: the
-    highest-quality member of that group), each with a label naming its verdict."""
+    highest-quality member of that group), each with a label naming its verdict and the trigger the
+    verdict and payload probability were measured against (the generation's own)."""
     vul, q = metrics["vulnerable"], metrics["quality"]
     P, out = len(vul), []
     for pick in picks:
@@ -51,9 +52,10 @@ def pick_members(picks: list[str], metrics: dict) -> list[tuple[int, str]]:
                 raise ValueError(f"--member {pick!r}: give a member index or one of {', '.join(GROUP_PICKS)}") from None
             if not 0 <= i < P:
                 raise ValueError(f"--member {i}: this generation has members 0..{P - 1}")
-        label = f"member {i} ({'vulnerable' if vul[i] else 'immune'}, quality {float(q[i]):.3f}"
+        against = f" to {trigger}" if trigger else ""
+        label = f"member {i} ({'vulnerable' if vul[i] else 'immune'}{against}, quality {float(q[i]):.3f}"
         if "payload_prob" in metrics:
-            label += f", p(payload) {float(metrics['payload_prob'][i]):.2f}"
+            label += f", p(payload after {trigger or 'trigger'}) {float(metrics['payload_prob'][i]):.2f}"
         out.append((i, label + ")"))
     return out
 
@@ -77,7 +79,7 @@ def attention_tables(run: OpenRun, picks: list[str], text: str, population: bool
         raise ValueError("give --member N (repeatable) and/or --population")
     saved = run.load(generation, device)
     tokens = text_tokens(text, saved.population.config.block_size)
-    chosen = pick_members(picks, saved.metrics)
+    chosen = pick_members(picks, saved.metrics, saved.virus.trigger)
     all_patterns = patterns(saved.population, tokens)
     panels = [(label, all_patterns[i]) for i, label in chosen]
     if population:
@@ -108,11 +110,17 @@ def draw_grid(panels: list, chars: list[str], path: str, title: str) -> bool:
         for layer in range(L):
             for h in range(H):
                 ax = axes[layer, h]
-                ax.imshow(pat[layer, h].numpy(), cmap="Blues", vmin=0.0, vmax=vmax)
+                image = ax.imshow(pat[layer, h].numpy(), cmap="Blues", vmin=0.0, vmax=vmax)
                 ax.set_xticks(range(T), chars, fontsize=7)
                 ax.set_yticks(range(T), chars, fontsize=7)
                 ax.tick_params(length=0)
                 ax.set_title(f"L{layer} H{h}", fontsize=8)
+                if layer == L - 1:
+                    ax.set_xlabel("key (attended to)", fontsize=7)
+                if h == 0:
+                    ax.set_ylabel("query (attending)", fontsize=7)
+        what = "standard deviation" if "standard deviation" in label else "attention weight"
+        sub.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8).set_label(what, fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -182,7 +190,7 @@ def write_attention(run_dir: str, t: dict, log=print) -> dict:
     os.makedirs(folder, exist_ok=True)
     stem = f"gen{t['generation']:03d}_{t['text']}_" + ("-".join(map(str, t["members"])) or "population")
     title = (f"Attention on '{t['text']}' (start token '.'), generation {t['generation']}; "
-             f"trigger {t['trigger']} -> {t['payload']}")
+             f"this generation's trigger {t['trigger']} -> {t['payload']}")
     paths = {"html": os.path.join(folder, stem + ".html"), "json": os.path.join(folder, stem + ".json")}
     write_atomic(paths["html"], html_page(t["panels"], t["chars"], title))
     write_json(paths["json"], {"generation": t["generation"], "text": t["text"], "chars": t["chars"],

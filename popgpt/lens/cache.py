@@ -211,12 +211,14 @@ def hooked_transformer_state_dict(model) -> dict:
 def to_hooked_transformer(model):
     """A TransformerLens ``HookedTransformer`` holding a MicroGPT's weights (e.g. ``pop.member(i)``).
 
-    TransformerLens is an optional extra (``pip install transformer_lens``), never a dependency.
+    TransformerLens is an optional extra (``pip install -e ".[lens]"``: 2.x or 3.x; 4.x removed
+    ``HookedTransformer``), never a dependency.
     """
     try:
         from transformer_lens import HookedTransformer, HookedTransformerConfig
-    except ImportError:
-        raise ImportError("to_hooked_transformer needs TransformerLens: pip install transformer_lens") from None
+    except ImportError as e:
+        raise ImportError(f"to_hooked_transformer needs TransformerLens 2.x or 3.x (pip install "
+                          f"'transformer_lens>=2,<4'); importing it failed: {e}") from e
     hooked = HookedTransformer(HookedTransformerConfig(**hooked_transformer_config(model.config)))
     missing, unexpected = hooked.load_state_dict(hooked_transformer_state_dict(model), strict=False)
     if unexpected or any(not k.endswith((".IGNORE", ".mask")) for k in missing):
