@@ -16,6 +16,11 @@ wrong optimizer) fails it by orders of magnitude. Warm-up steps (compile,
 capture) are excluded from the timings; CUDA is synchronised around every
 timed region.
 
+Each engine is timed on the packed path and on the padded one (``Engine(packed=False)``), and the
+step's FLOP count (on the positions that matter, as packed, as padded) and this machine's rate for the
+step's own matrix-product shapes are printed (``benchmarks/limits.py``), so the share of that limit
+a step reaches is a printed number.
+
 Sequential member-steps/s do not depend on P (members run one at a time), so
 for large P the sequential loop is timed on the first ``--seq-cap`` members
 and the equality check covers those members.
@@ -33,9 +38,11 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import base_parser, describe, environment, markdown_table, setup, timed, write_results  # noqa: E402
+from benchmarks.limits import dense_rate, gemm_rate, step_flops  # noqa: E402
 from popgpt import MicroGPT, ModelConfig, Population, TrainConfig  # noqa: E402
 from popgpt.data import IGNORE, NAMES_FILE, docs_to_tensor, inputs_targets, load_names  # noqa: E402
-from popgpt.engine import ENGINES, Engine  # noqa: E402
+from popgpt.device import CPU_MEMBER_BLOCK  # noqa: E402
+from popgpt.engine import ENGINES, PLAN_MULTIPLE, Engine  # noqa: E402
 from popgpt.population import default_seeds  # noqa: E402
 from popgpt.step import Batches  # noqa: E402
 
@@ -103,8 +110,16 @@ def bench_size(P, args, engines, rows, device, cfg, tcfg):
     seq_rate = n_seq * args.steps / seq_s
     seq_params = stacked(models, cfg.param_shapes())
 
+    plan = Batches.shared(rows, timed_idx).planned(PLAN_MULTIPLE).plan
+    flops = step_flops(cfg, inputs_targets(rows[timed_idx])[1], plan)
+    block = min(P, CPU_MEMBER_BLOCK) if device.type == "cpu" else P
+    gemm = gemm_rate(cfg, plan.positions, block, device)
     out = []
     for kind in engines:
+        padded = population(cfg, seeds, device, torch.float32)
+        engine = Engine(kind, packed=False)
+        timed(lambda: engine.run(padded, Batches.shared(rows, warm), tcfg), device)
+        padded_s = timed(lambda: engine.run(padded, Batches.shared(rows, timed_idx), tcfg), device)
         pop = population(cfg, seeds, device, torch.float32)
         engine = Engine(kind)
         warm_s = timed(lambda: engine.run(pop, Batches.shared(rows, warm), tcfg), device)
@@ -113,9 +128,14 @@ def bench_size(P, args, engines, rows, device, cfg, tcfg):
         n_check = min(P, args.check_members)
         check = float64_check(kind, cfg, seeds[:n_check], tcfg, rows, idx[:, :n_check], device)
         rate = P * args.steps / run_s
+        achieved = flops["real"] * rate / 1e9
         out.append({"P": P, "engine": kind, "batched_member_steps_per_s": rate,
                     "sequential_member_steps_per_s": seq_rate, "sequential_members_timed": n_seq,
                     "speedup": rate / seq_rate, "batched_ms_per_step": 1000 * run_s / args.steps,
+                    "padded_member_steps_per_s": P * args.steps / padded_s, "packed_vs_padded": padded_s / run_s,
+                    "real_mflop": flops["real"] / 1e6, "packed_mflop": flops["packed"] / 1e6,
+                    "padded_mflop": flops["padded"] / 1e6, "real_gflop_per_s": achieved,
+                    "gemm_gflop_per_s": gemm, "share_of_gemm": achieved / gemm,
                     "warmup_s": warm_s, "float32_members_agreeing": agree,
                     "float64_max_diff": check, "float64_members_checked": n_check,
                     "equal": check <= args.tolerance})
@@ -124,6 +144,10 @@ def bench_size(P, args, engines, rows, device, cfg, tcfg):
               f"({n_seq} members) | speedup {r['speedup']:6.1f}x | float32: {100 * agree:.0f}% of members "
               f"within 1e-5 | float64 max |dparam| {check:.1e} {'ok' if r['equal'] else 'MISMATCH'}",
               flush=True)
+        print(f"{'':>15} packed {r['packed_vs_padded']:.2f}x padded | MFLOP per member-step: real "
+              f"{r['real_mflop']:.1f}, packed {r['packed_mflop']:.1f}, padded {r['padded_mflop']:.1f} | "
+              f"{achieved:.2f} GFLOP/s real = {100 * r['share_of_gemm']:.0f}% of the step's GEMM shapes alone "
+              f"({gemm:.1f} GFLOP/s, blocks of {block})", flush=True)
     return out
 
 
@@ -159,6 +183,8 @@ def main(argv=None) -> int:
     rows = docs_to_tensor([n for n in load_names(NAMES_FILE) if len(n) < cfg.block_size], cfg.block_size).to(device)
     print(describe(env))
     print(f"config: {cfg} | {tcfg} | steps {args.steps} (+{args.warmup} warm-up) | sizes {sizes} | engines {engines}")
+    env["dense_gemm_gflop_per_s"] = dense_rate(device)
+    print(f"dense float32 GEMM 1024^3 on this device: {env['dense_gemm_gflop_per_s']:.1f} GFLOP/s (for scale)")
     results = []
     for P in sizes:
         try:
@@ -170,8 +196,9 @@ def main(argv=None) -> int:
     ok = [r for r in results if "equal" in r]
     table = (f"Batched vs sequential training, {describe(env)}\n\n"
              + markdown_table(ok, ["P", "engine", "batched_member_steps_per_s", "sequential_member_steps_per_s",
-                                   "speedup", "batched_ms_per_step", "float32_members_agreeing", "float64_max_diff",
-                                   "equal"]))
+                                   "speedup", "batched_ms_per_step", "packed_vs_padded", "real_mflop",
+                                   "padded_mflop", "real_gflop_per_s", "gemm_gflop_per_s", "share_of_gemm",
+                                   "float64_max_diff", "equal"]))
     print(table)
     write_results(args.out, "bench_vmap_vs_sequential",
                   {"environment": env, "args": vars(args), "model": vars(cfg), "train": vars(tcfg),

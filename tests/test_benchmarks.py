@@ -25,6 +25,9 @@ def test_bench_vmap_vs_sequential_smoke(tmp_path, capsys):
     for r in data["results"]:  # the printed rates agree with the printed times
         assert r["batched_member_steps_per_s"] == pytest.approx(r["P"] * 1000 / r["batched_ms_per_step"])
         assert r["speedup"] == pytest.approx(r["batched_member_steps_per_s"] / r["sequential_member_steps_per_s"])
+        assert 0 < r["real_mflop"] <= r["packed_mflop"] <= r["padded_mflop"]  # packing never adds work
+        assert r["real_gflop_per_s"] == pytest.approx(r["real_mflop"] * r["batched_member_steps_per_s"] / 1000)
+        assert r["share_of_gemm"] == pytest.approx(r["real_gflop_per_s"] / r["gemm_gflop_per_s"])
     assert os.path.isfile(tmp_path / "bench_vmap_vs_sequential.md")
 
 
@@ -57,3 +60,21 @@ def test_bench_cure_smoke(make_tiny_run, tmp_path, capsys):
     assert all(r["members"] == 3 for r in data["results"])
     assert data["phases"]["strength search"] > 0 and data["phases"]["optimisation"] > 0
     assert data["goals"]["method"] == "ablate"
+
+
+def test_step_flops_by_hand():
+    import torch
+
+    from benchmarks.limits import step_flops
+    from popgpt.model import ModelConfig
+    from popgpt.packed import Plan
+
+    cfg = ModelConfig(block_size=6)
+    y = torch.full((1, 1, 2, 6), -1)
+    y[..., 0, :3] = 1  # a row whose last real target is at position 2: 3 positions matter
+    y[..., 1, :1] = 1  # one position
+    per_pos = 2 * (3 * 24 * 24 + 24 * 24 + 8 * 24 * 24 + 24 * 27)
+    flops = step_flops(cfg, y, Plan((1, 1), (4, 1)))
+    assert flops["real"] == 3 * (per_pos * 4 + 4 * 24 * (6 + 1))
+    assert flops["packed"] == 3 * (per_pos * 5 + 4 * 24 * (16 + 1))
+    assert flops["padded"] == 3 * 2 * (per_pos * 6 + 4 * 24 * 36)
