@@ -8,6 +8,8 @@ gradients (and the copies breeding makes), the activations of one training
 step (a block of members on a CPU, all of them on a GPU), evaluation
 chunks and the sampling pass of the immunity test. It is an estimate of
 the peak within a factor of about two, which is what the check needs.
+Activations are counted at the padded block size: training and evaluation
+run packed (``packed.py``) on fewer positions, so this is an upper bound.
 """
 
 import math
