@@ -29,6 +29,8 @@ a later head h1: ||W_QK^h1 W_OV^h0||_F / (||W_QK^h1||_F ||W_OV^h0||_F), with
 its chance level the same ratio for Gaussian matrices of the same shapes.
 """
 
+import math
+
 import torch
 from einops import rearrange
 
@@ -108,6 +110,13 @@ def chance(rows: ScoringRows) -> dict:
     valid = t[None, :] < rows.ends[:, None]
     previous = ((1.0 / (t.double() + 1))[None, :] * valid).sum().item() / valid.sum().item()
     return {"induction": uniform, "duplicate": uniform, "shifted": uniform, "previous": previous, "copying": 0.0}
+
+
+def later(values: torch.Tensor) -> torch.Tensor:
+    """The best over heads of layers >= 1 of (..., L, H) scores (-inf at depth 1): (...)."""
+    if values.shape[-2] < 2:
+        return torch.full(values.shape[:-2], -math.inf, device=values.device)
+    return values[..., 1:, :].flatten(-2).max(-1).values
 
 
 def _qk_ov(pop: Population, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
