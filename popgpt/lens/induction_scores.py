@@ -36,6 +36,7 @@ from einops import rearrange
 
 from ..population import Population
 from .cache import run_with_cache
+from .heads import head_outputs
 from .induction_task import ScoringRows
 
 OFFSETS = tuple(range(-2, 6))  # d = 0: duplicate, 1: induction; a few tokens either way
@@ -70,13 +71,6 @@ def _attention(pattern: torch.Tensor, rows: ScoringRows) -> dict:
             "previous": previous}
 
 
-def head_outputs(pop: Population, z: torch.Tensor, layer: int) -> torch.Tensor:
-    """Each head's output in the residual stream from its ``hook_z`` (P, ..., H, D): (P, ..., H, C)."""
-    w = rearrange(pop.params[pop.config.block_prefixes()[layer] + "attn_out"], "p c (h d) -> p c h d",
-                  h=pop.config.n_head)
-    return torch.einsum("pqhd,pchd->pqhc", z, w)
-
-
 @torch.no_grad()
 def head_scores(pop: Population, rows: ScoringRows, edits=()) -> dict:
     """Every score of ``SCORES`` and ``shift`` (P, L, H), and the copy losses ``loss_first`` (the
@@ -95,8 +89,7 @@ def head_scores(pop: Population, rows: ScoringRows, edits=()) -> dict:
     for layer in range(L):
         for k, v in _attention(cache[f"blocks.{layer}.attn.hook_pattern"], rows).items():
             out[k].append(v)
-        z = cache[f"blocks.{layer}.attn.hook_z"][:, rows.row, rows.query]  # (P, Q, H, D)
-        contrib = head_outputs(pop, z, layer) * scale[:, :, None]  # (P, Q, H, C)
+        contrib = head_outputs(pop, cache, layer)[:, rows.row, rows.query] * scale[:, :, None]  # (P, Q, H, C)
         out["copying"].append(torch.einsum("pqhc,pqc->ph", contrib, direction) / len(rows.query))
     out = {k: torch.stack(v, 1) for k, v in out.items()}
     out["loss_first"], out["loss_second"] = _nll(logits, rows, rows.twin), _nll(logits, rows, rows.query)
@@ -121,7 +114,7 @@ def later(values: torch.Tensor) -> torch.Tensor:
 
 def _qk_ov(pop: Population, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """W_QK (P, H, C, C) (query side on the left) and W_OV (P, H, C, C) of every head of a layer."""
-    C, H = pop.config.n_embd, pop.config.n_head
+    H = pop.config.n_head
     prefix = pop.config.block_prefixes()[layer]
     q, k, v = rearrange(pop.params[prefix + "attn_qkv"], "p (s h d) c -> s p h d c", s=3, h=H)
     o = rearrange(pop.params[prefix + "attn_out"], "p c (h d) -> p h c d", h=H)
