@@ -40,6 +40,8 @@ INDUCTION_FLAGS = {
                          "twin, so the token after it is the answer"),
     "loss": (str, "train on every next token (first+second) or on the second copy only (second: nothing else to "
              "learn, so no shortcut is paid for the first copy)"),
+    "repeat-rows": (int, "distinct rows of the repeat task's table (measured: a table of 2,000 rows grew "
+                    "textbook induction heads where ~26,000 grew shifted copying circuits)"),
     "vocab": (int, "tokens including the boundary; above 27, synthetic tokens beyond the letters (fewer chance "
               "repeats, bag-of-letters guesses pay less)"),
     "n-embd": (int, "residual width of the members"),
@@ -51,9 +53,12 @@ INDUCTION_FLAGS = {
     "block-size": (int, "context length of the models"),
     "seed": (int, "the experiment's seed (init seeds, data, scoring rows, control heads)"),
 }
+# the source's task and width: letters that may repeat, no gap, every token trained, 24 wide with an MLP,
+# a repeat table as large as the names table
 SOURCE = {"n_embd": 24, "n_head": 4, "attn_only": False, "vocab": 27, "distinct_letters": False, "gap_max": 0,
-          "loss": "first+second", "lr": 1e-2, "min_len": 4, "max_len": 10}
+          "loss": "first+second", "lr": 1e-2, "min_len": 4, "max_len": 10, "repeat_rows": 28800}
 INDUCTION_PRESETS = {"full": {}, "quick": {"inits": 4, "orders": 1, "steps": 1500, "every": 50},
+                     "textbook": {"tasks": "repeat", "inits": 8, "orders": 2},  # the measured run (docs/lens.md)
                      "source": SOURCE}
 
 

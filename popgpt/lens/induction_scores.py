@@ -39,7 +39,7 @@ from .cache import run_with_cache
 from .heads import head_outputs
 from .induction_task import ScoringRows
 
-OFFSETS = tuple(range(-2, 6))  # d = 0: duplicate, 1: induction; a few tokens either way
+OFFSETS = tuple(range(-3, 13))  # d = 0: duplicate, 1: induction; shifted circuits seen at d = 2..6
 SCORES = ("previous", "duplicate", "induction", "shifted", "copying")
 
 
