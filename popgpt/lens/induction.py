@@ -161,8 +161,9 @@ def train_depth(depth: int, cfg: InductionConfig, names: list[str], engine: Engi
             engine.run(pop, Batches(batches.bank, batches.table, batches.rows[a:b], targets=batches.targets), hp)
         for k, v in head_scores(pop, scoring).items():
             traj[k].append(v.cpu())
-        log(f"depth {depth} step {b:>5}: best layer>=1 induction score median "
-            f"{later(traj['induction'][-1]).median():.2f}, layer-0 previous-token median "
+        best = later(traj["induction"][-1]) if depth > 1 else traj["induction"][-1].flatten(1).max(1).values
+        log(f"depth {depth} step {b:>5}: best induction score (layer {'>= 1' if depth > 1 else '0'}) median "
+            f"{best.median():.2f}, layer-0 previous-token median "
             f"{traj['previous'][-1][:, 0].flatten(1).max(1).values.median():.2f}, second-copy loss median "
             f"{traj['loss_second'][-1].median():.2f} (first copy {traj['loss_first'][-1].median():.2f})")
     return {"depth": depth, "steps": torch.tensor(marks), "layout": lay, "seeds": seeds, "population": pop,

@@ -81,9 +81,27 @@ def markdown(results: dict, cfg: InductionConfig, env: dict) -> str:
              "How the phase step depends on the seed (share of the spread of phase steps between init-seed "
              "means and between data-order means; a share near its chance level means no dependence):", "",
              format_table(_phase_table(results), list(_phase_table(results)[0])), "",
+             "Phase steps, per depth and task (histogram; 'never': no layer >= 1 head reached the threshold):", "",
+             *histogram_lines(results, cfg), "",
              f"threads {env['threads']}, torch {env['torch']}, {env['device_name']}, "
              f"{results['seconds']:.0f} s", ""]
     return "\n".join(lines)
+
+
+def histogram_lines(results: dict, cfg: InductionConfig) -> list[str]:
+    """One line per depth and task: members per bin of phase steps, and those that never reached it."""
+    width = max(cfg.every, round(cfg.steps / 10 / cfg.every) * cfg.every)
+    lines = []
+    for d in results["depths"]:
+        for task in cfg.tasks:
+            steps = [float(s) for s, m in zip(d["phase_step"], d["layout"]) if m["task"] == task]
+            bins: dict = {}
+            for s in steps:
+                key = "never" if math.isnan(s) else int(s // width) * width
+                bins[key] = bins.get(key, 0) + 1
+            cells = [f"{k}-{k + width - 1}: {bins[k]}" for k in sorted(k for k in bins if k != "never")]
+            lines.append(f"- depth {d['depth']}, {task}: " + ", ".join(cells + [f"never: {bins.get('never', 0)}"]))
+    return lines
 
 
 def write_induction(out: str, results: dict, cfg: InductionConfig, env: dict, log=print) -> None:
