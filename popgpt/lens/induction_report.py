@@ -159,7 +159,8 @@ def _plots(out: str, results: dict, cfg: InductionConfig) -> list[str]:
                     else later(d["induction"][:, i]), **kw)
             a2.plot(d["steps"], d["loss_second"][:, i], **kw)
     a1.axhline(cfg.score_threshold, color="k", ls=":", lw=0.8)
-    a1.set(xlabel="training step", ylabel="best induction score (layer >= 1; layer 0 at depth 1)", title=f"task {cfg.tasks[0]}")
+    a1.set(xlabel="training step", ylabel="best induction score",
+           title=f"task {cfg.tasks[0]}: layer >= 1 (1 layer: layer 0)")
     a2.set(xlabel="training step", ylabel="second-copy loss (nats)", title="in-context loss, second copy")
     a2.axhline(cfg.icl_loss, color="k", ls=":", lw=0.8)
     a1.legend(fontsize=8)
