@@ -3,40 +3,36 @@
 Populations of 1-layer (the negative control: induction needs two layers)
 and 2-layer MicroGPTs train side by side with the same budget on two tasks:
 
-- ``repeat``: a random string s of ``min_len``..``max_len`` letters written
-  twice after a random-letter prefix u of random length, ``. u s s .`` (one
-  row per sequence). The second copy is predictable only by copying from
-  the first; the length of s and where it repeats vary independently, so
-  no positional rule (attend k - 1 back, or "late positions belong to long
-  strings") solves it: the task rewards induction and nothing else.
+- ``repeat``: ``. u s g s .`` (``induction_task.py``): a string s of random
+  length written twice after a random prefix u with a random gap g between
+  the copies; every choice of what that row holds and which tokens are
+  trained (``distinct``, ``gap_max``, ``loss``, ``vocab``) is a field here.
 - ``names``: names as they are, one per row (the rest of popgpt's data).
-  Names are short and rarely repeat a stretch, so induction may not pay.
 
 Members are a grid per depth: task x init seed x data order. The same init
 seeds start both tasks (paired), and members of one data order see the
 same row indices, so a phase step's dependence on the init seed and on the
 data order can be told apart.
 
-Scores, per member, layer and head, on ``eval_seqs`` repeated random
-sequences ``. r_1..r_n r_1..r_n`` (n = ``eval_len``; positions 0..2n), each
-the attention mass a query puts where the pattern predicts, averaged over
-sequences and queries:
+Scores (``induction_scores.py``) are taken every ``every`` steps on
+``eval_seqs`` scoring rows of random length, prefix and gap with distinct
+tokens, so a head that attends a fixed distance back does not score as an
+induction head, and a perfect induction head scores 1. An *induction head*
+is a head of layer >= 1 (a layer-0 head cannot know which token followed an
+earlier copy) with induction score >= ``score_threshold``; a member that
+has one *grew* induction heads, and grew *textbook* ones when its best
+layer-0 previous-token score also reaches the threshold and that head's
+K-composition into its induction head exceeds the Gaussian chance level.
+Its *phase step* is the first checkpoint where a layer >= 1 head reaches
+the threshold; its *loss step* the first where its second-copy loss falls
+below ``icl_loss`` nats.
 
-- previous-token: query t (1..2n) on key t-1;
-- duplicate-token: query n+i (second copy) on key i, the earlier copy of
-  its own token;
-- induction: query n+i on key i+1, the token after that earlier copy.
-
-In-context loss: mean NLL on the first copy's tokens 2..n and on the second
-copy's n+2..2n (each the n-1 tokens that follow another letter of the
-same copy). A member *grew an induction head* when one of its heads scores
->= ``score_threshold`` at the end of training; its *phase step* is the first
-checkpoint where its best induction score reaches the threshold, and its
-*loss step* the first where its second-copy loss falls below ``icl_loss``
-nats (a model that only knows which letters occurred, not where, cannot go
-below about ln(distinct letters) ~ 2.1). Causal check: ablate (zero) the
-member's induction heads (its best head if none passes), and separately one
-other head drawn at random, and measure how the second-copy loss changes.
+Causal check: zero the member's induction heads (its best layer >= 1 head
+when none passes; its best head at depth 1), and separately one control
+head drawn at random among the heads that are neither those nor a layer-0
+head they read from (the layer-0 head with the largest K-composition into
+each, and every layer-0 previous-token head >= the threshold): the change
+of the second-copy loss says whether the heads cause the copying.
 """
 
 import math
@@ -44,17 +40,19 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data import BOUNDARY, IGNORE, docs_to_tensor
+from ..data import VOCAB_SIZE, docs_to_tensor, inputs_targets
 from ..engine import Engine
 from ..model import ModelConfig
 from ..population import Population
 from ..settings import fresh_member_seeds, tool_seed
-from ..stats import mean_interval, wilson
 from ..step import Batches, TrainConfig
-from .cache import ablate_heads, run_with_cache
+from .cache import ablate_heads
+from .induction_rows import summary_rows
+from .induction_scores import SCORES, chance, head_scores, k_composition, k_composition_chance, later
+from .induction_task import LOSSES, TaskSpec, scoring_rows, task_rows
 
 TASKS = ("repeat", "names")
-SCORES = ("previous", "duplicate", "induction")
+TRACKED = (*SCORES, "shift", "loss_first", "loss_second")
 
 
 @dataclass(frozen=True)
@@ -66,12 +64,19 @@ class InductionConfig:
     steps: int = 3000  # training steps, the same for every member
     every: int = 100  # checkpoint (measure every score) every this many steps
     batch_size: int = 32
-    lr: float = 1e-2  # Adam, as popgpt trains names
-    min_len: int = 4  # shortest repeated string in training (varied: no positional shortcut)
-    max_len: int = 10  # longest; 2 * max_len + 2 tokens must fit block_size + 1
-    eval_len: int = 10  # n of the scoring sequences (the standard test: r r)
-    eval_seqs: int = 200
-    score_threshold: float = 0.4  # a head with induction score >= this is an induction head
+    lr: float = 3e-3  # Adam; 1e-2 (popgpt's names rate) is the source preset
+    min_len: int = 4  # shortest repeated string (varied: no positional shortcut)
+    max_len: int = 10  # longest; 2 * max_len + gap_max + 1 must fit block_size
+    gap_max: int = 8  # tokens between the copies, drawn in 0..gap_max per row: breaks "attend k - 1 back"
+    distinct_letters: bool = True  # no token twice in a row's prefix, string and gap: one earlier occurrence
+    loss: str = "second"  # train on the second copy only (nothing else to learn), or on every next token
+    repeat_rows: int = 2000  # distinct rows of the repeat table (measured: 2,000 grew textbook heads, ~26,000 shifted circuits)
+    vocab: int = 64  # tokens with the boundary; > 27 adds synthetic tokens beyond the letters
+    n_embd: int = 48  # residual width of the members (head size 12)
+    n_head: int = 4
+    attn_only: bool = True  # no MLP, as in the standard induction-head studies
+    eval_seqs: int = 200  # scoring rows
+    score_threshold: float = 0.4  # a layer >= 1 head with induction score >= this is an induction head
     icl_loss: float = 1.0  # nats: second-copy loss below this marks the loss drop
     block_size: int = 32  # room for a prefix before the repeat (names need 16)
     seed: int = 0
@@ -82,21 +87,31 @@ class InductionConfig:
             raise ValueError(f"--tasks: unknown task {bad[0] if bad else '(none)'}; choose from {', '.join(TASKS)}")
         if not self.depths or any(d < 1 for d in self.depths):
             raise ValueError(f"--depths must be integers >= 1, got {self.depths}")
-        for name in ("inits", "orders", "steps", "every", "batch_size", "eval_seqs", "min_len"):
+        for name in ("inits", "orders", "steps", "every", "batch_size", "eval_seqs", "n_embd", "n_head", "repeat_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.max_len < self.min_len or 2 * self.max_len + 1 > self.block_size:
-            raise ValueError(f"--min-len {self.min_len} .. --max-len {self.max_len}: need min <= max and "
-                             f"2 * max + 1 <= block size {self.block_size}")
-        if not 2 <= self.eval_len <= (self.block_size - 1) // 2:
-            raise ValueError(f"--eval-len must be in [2, {(self.block_size - 1) // 2}], got {self.eval_len}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"--n-embd {self.n_embd} is not divisible by --n-head {self.n_head}")
+        if self.vocab < VOCAB_SIZE and "names" in self.tasks:
+            raise ValueError(f"--vocab {self.vocab}: the names task needs >= {VOCAB_SIZE} (26 letters + boundary)")
+        if self.loss not in LOSSES:
+            raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        self.spec.check()
         if not (0 < self.score_threshold < 1 and math.isfinite(self.lr) and self.lr > 0 and self.icl_loss > 0):
             raise ValueError("--score-threshold must be in (0, 1); --lr and --icl-loss > 0")
+
+    @property
+    def spec(self) -> TaskSpec:
+        return TaskSpec(self.min_len, self.max_len, self.gap_max, self.distinct_letters, self.vocab, self.block_size)
 
     @property
     def members(self) -> int:
         """Members per depth."""
         return len(self.tasks) * self.inits * self.orders
+
+    def model(self, depth: int) -> ModelConfig:
+        return ModelConfig(vocab_size=self.vocab, block_size=self.block_size, n_embd=self.n_embd,
+                           n_head=self.n_head, n_layer=depth, mlp=not self.attn_only)
 
     def layout(self) -> list[dict]:
         """Task, init-seed index and data-order index of every member of a depth."""
@@ -104,62 +119,20 @@ class InductionConfig:
                 for o in range(self.orders)]
 
 
-def repeat_rows(n: int, min_len: int, max_len: int, block_size: int, generator: torch.Generator) -> torch.Tensor:
-    """(n, block_size + 1) rows ``. u s s .``: s random letters of random length in [min_len, max_len]
-    written twice after a random-letter prefix u of random length (as long as the row fits), so that
-    neither the length of s nor the position where it repeats can be read from positions. IGNORE padding."""
-    out = torch.full((n, block_size + 1), IGNORE, dtype=torch.long)
-    lengths = torch.randint(min_len, max_len + 1, (n,), generator=generator)
-    room = block_size - 1 - 2 * lengths  # letters left for the prefix
-    prefixes = (torch.rand(n, generator=generator, dtype=torch.float64) * (room + 1)).long()
-    letters = torch.randint(1, 27, (n, block_size), generator=generator)
-    for i, (k, p) in enumerate(zip(lengths.tolist(), prefixes.tolist())):
-        u, s = letters[i, :p], letters[i, p:p + k]
-        out[i, :p + 2 * k + 2] = torch.cat([torch.tensor([BOUNDARY]), u, s, s, torch.tensor([BOUNDARY])])
-    return out
-
-
-def repeated_sequences(n: int, length: int, generator: torch.Generator) -> torch.Tensor:
-    """(n, 2 * length + 1) scoring sequences ``. r r`` with r random letters."""
-    r = torch.randint(1, 27, (n, length), generator=generator)
-    return torch.cat([torch.full((n, 1), BOUNDARY), r, r], 1)
-
-
-def copy_losses(logits: torch.Tensor, seqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean NLL per member on the first copy's tokens 2..n and the second's n+2..2n: [P] each."""
-    n = (seqs.shape[1] - 1) // 2
-    logp = logits[:, :, :-1].log_softmax(-1)  # (P, B, 2n, V): position j predicts token j+1
-    nll = -logp.gather(-1, seqs[None, :, 1:, None].to(logits.device).expand(len(logits), -1, -1, 1))[..., 0]
-    return nll[:, :, 1:n].mean((1, 2)), nll[:, :, n + 1:2 * n].mean((1, 2))
-
-
-@torch.no_grad()
-def head_scores(pop: Population, seqs: torch.Tensor, edits=()) -> dict:
-    """Previous-token, duplicate-token and induction scores (P, L, H), and the copy losses [P]."""
-    L, n = pop.config.n_layer, (seqs.shape[1] - 1) // 2
-    names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(L)]
-    logits, cache = run_with_cache(pop, seqs, names, edits)
-    t_all = torch.arange(1, 2 * n + 1)
-    second = torch.arange(n + 1, 2 * n + 1)
-    out = {k: torch.zeros(len(pop), L, pop.config.n_head, device=pop.device) for k in SCORES}
-    for layer, name in enumerate(names):
-        pattern = cache[name]  # (P, B, H, T, T)
-        out["previous"][:, layer] = pattern[..., t_all, t_all - 1].mean((1, 3))
-        out["duplicate"][:, layer] = pattern[..., second, second - n].mean((1, 3))
-        out["induction"][:, layer] = pattern[..., second, second - n + 1].mean((1, 3))
-    out["loss_first"], out["loss_second"] = copy_losses(logits, seqs)
-    return out
-
-
-def _bank(cfg: InductionConfig, names: list[str], g: torch.Generator) -> torch.Tensor:
-    """(K, N, block_size + 1): one table of rows per task, all of the same length."""
-    tables = []
+def _bank(cfg: InductionConfig, names: list[str], g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets (K, N, block_size): one table per task, all N rows long (N: the larger of the
+    names and ``repeat_rows``; the ``repeat_rows`` distinct repeat rows are tiled to fill N)."""
+    n = max(len(names), cfg.repeat_rows) if "names" in cfg.tasks else cfg.repeat_rows
+    xs, ys = [], []
     for task in cfg.tasks:
         if task == "names":
-            tables.append(docs_to_tensor(names, cfg.block_size))
+            x, y = inputs_targets(docs_to_tensor([names[i % len(names)] for i in range(n)], cfg.block_size))
         else:
-            tables.append(repeat_rows(len(names), cfg.min_len, cfg.max_len, cfg.block_size, g))
-    return torch.stack(tables)
+            x, y = task_rows(cfg.spec, cfg.repeat_rows, cfg.loss, g)
+            x, y = x[torch.arange(n) % cfg.repeat_rows], y[torch.arange(n) % cfg.repeat_rows]
+        xs.append(x)
+        ys.append(y)
+    return torch.stack(xs), torch.stack(ys)
 
 
 def train_depth(depth: int, cfg: InductionConfig, names: list[str], engine: Engine | None = None,
@@ -168,32 +141,33 @@ def train_depth(depth: int, cfg: InductionConfig, names: list[str], engine: Engi
 
     Returns ``steps`` (K,), per-score trajectories (K, P, L, H), copy losses (K, P), the final population.
     """
-    mcfg = ModelConfig(n_layer=depth, block_size=cfg.block_size)
     seeds = fresh_member_seeds(cfg.seed, "induction", 0, cfg.inits)
     lay = cfg.layout()
-    pop = Population.from_seeds(mcfg, [seeds[m["init"]] for m in lay], device=device)
+    pop = Population.from_seeds(cfg.model(depth), [seeds[m["init"]] for m in lay], device=device)
     g = torch.Generator().manual_seed(tool_seed(cfg.seed, "induction", 0, "data"))
-    bank = _bank(cfg, names, g)  # the same tables for every depth
-    order_rows = torch.randint(bank.shape[1], (cfg.steps, cfg.orders, cfg.batch_size), generator=g)
+    x, y = _bank(cfg, names, g)  # the same tables for every depth
+    order_rows = torch.randint(x.shape[1], (cfg.steps, cfg.orders, cfg.batch_size), generator=g)
     rows = order_rows[:, [m["order"] for m in lay]]  # (steps, P, B): members of one order share rows
     table = torch.tensor([cfg.tasks.index(m["task"]) for m in lay])
-    bank, rows, table = bank.to(device), rows.to(device), table.to(device)
-    seqs = repeated_sequences(cfg.eval_seqs, cfg.eval_len,
-                              torch.Generator().manual_seed(tool_seed(cfg.seed, "induction", 0, "eval"))).to(device)
+    batches = Batches(x.to(device), table.to(device), rows.to(device), targets=y.to(device))
+    scoring = scoring_rows(cfg.spec, cfg.eval_seqs,
+                           torch.Generator().manual_seed(tool_seed(cfg.seed, "induction", 0, "eval")))
     engine = engine or Engine("eager")
     hp = TrainConfig(lr=cfg.lr, batch_size=cfg.batch_size, steps=cfg.steps)
     marks = sorted({0, *range(cfg.every, cfg.steps, cfg.every), cfg.steps})
-    traj = {k: [] for k in (*SCORES, "loss_first", "loss_second")}
+    traj = {k: [] for k in TRACKED}
     for a, b in zip([0, *marks[:-1]], marks):
         if b > a:
-            engine.run(pop, Batches(bank, table, rows[a:b]), hp)
-        for k, v in head_scores(pop, seqs).items():
+            engine.run(pop, Batches(batches.bank, batches.table, batches.rows[a:b], targets=batches.targets), hp)
+        for k, v in head_scores(pop, scoring).items():
             traj[k].append(v.cpu())
-        best = traj["induction"][-1].flatten(1).max(1).values
-        log(f"depth {depth} step {b:>5}: best induction score median {best.median():.2f}, second-copy loss "
-            f"median {traj['loss_second'][-1].median():.2f} (first {traj['loss_first'][-1].median():.2f})")
+        best = later(traj["induction"][-1]) if depth > 1 else traj["induction"][-1].flatten(1).max(1).values
+        log(f"depth {depth} step {b:>5}: best induction score (layer {'>= 1' if depth > 1 else '0'}) median "
+            f"{best.median():.2f}, layer-0 previous-token median "
+            f"{traj['previous'][-1][:, 0].flatten(1).max(1).values.median():.2f}, second-copy loss median "
+            f"{traj['loss_second'][-1].median():.2f} (first copy {traj['loss_first'][-1].median():.2f})")
     return {"depth": depth, "steps": torch.tensor(marks), "layout": lay, "seeds": seeds, "population": pop,
-            "seqs": seqs, **{k: torch.stack(v) for k, v in traj.items()}}
+            "scoring": scoring, "chance": chance(scoring), **{k: torch.stack(v) for k, v in traj.items()}}
 
 
 def first_step(values: torch.Tensor, steps: torch.Tensor, reached) -> torch.Tensor:
@@ -206,71 +180,77 @@ def first_step(values: torch.Tensor, steps: torch.Tensor, reached) -> torch.Tens
 
 
 def phase_steps(traj: dict, cfg: InductionConfig) -> dict:
-    """Each member's phase step (best induction score reaches the threshold) and loss step
+    """Each member's phase step (a layer >= 1 head's induction score reaches the threshold) and loss step
     (second-copy loss falls below ``icl_loss``), NaN if never: [P] each."""
-    best = traj["induction"].flatten(2).max(2).values  # (K, P)
-    return {"phase_step": first_step(best, traj["steps"], lambda v: v >= cfg.score_threshold),
+    return {"phase_step": first_step(later(traj["induction"]), traj["steps"], lambda v: v >= cfg.score_threshold),
             "loss_step": first_step(traj["loss_second"], traj["steps"], lambda v: v < cfg.icl_loss)}
 
 
-@torch.no_grad()
-def causal_check(pop: Population, seqs: torch.Tensor, induction: torch.Tensor, threshold: float,
-                 generator: torch.Generator) -> dict:
-    """Second-copy (and first-copy) loss change per member when its induction heads are ablated, and
-    when one other head drawn at random is: [P] each, plus the masks (P, L, H).
+def candidate_heads(induction: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(detected [P], heads (P, L, H)): the layer >= 1 heads at or above ``threshold``; where none is,
+    the best layer >= 1 head (the best head at depth 1)."""
+    P, L, H = induction.shape
+    scores = induction.clone()
+    if L > 1:
+        scores[:, 0] = -math.inf
+    flat = scores.flatten(1)
+    detected = (flat.max(1).values >= threshold) if L > 1 else torch.zeros(P, dtype=torch.bool)
+    best = torch.nn.functional.one_hot(flat.argmax(1), L * H).bool()
+    heads = torch.where(detected[:, None], flat >= threshold, best)
+    return detected, heads.view(P, L, H)
 
-    A member with no head at or above ``threshold`` has its best-scoring head ablated (``detected``
-    False). The random head is drawn uniformly among the heads not ablated in the first case."""
-    flat = induction.flatten(1)  # (P, L*H)
-    detected = flat.max(1).values >= threshold
-    heads = torch.where(detected[:, None], flat >= threshold,
-                        torch.nn.functional.one_hot(flat.argmax(1), flat.shape[1]).bool())
-    weights = (~heads).float() + 1e-12 * heads.float()  # every member has a head left unless all are ablated
-    other = torch.multinomial(weights.cpu(), 1, generator=generator)[:, 0].to(flat.device)
-    random_head = torch.nn.functional.one_hot(other, flat.shape[1]).bool() & ~heads
-    shape = induction.shape
-    base = head_scores(pop, seqs)
-    out = {"detected": detected, "induction_heads": heads.view(shape), "random_head": random_head.view(shape)}
-    for label, mask in (("induction", heads), ("random", random_head)):
-        after = head_scores(pop, seqs, ablate_heads(pop, mask.view(shape).to(pop.device)))
+
+def read_from(pop: Population, heads: torch.Tensor, previous: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Layer-0 heads the candidate ``heads`` (P, L, H) read from: (P, L, H) with layer 0 only marked: the
+    layer-0 head of largest K-composition into each candidate of a later layer, and every layer-0 head
+    whose previous-token score (``previous`` (P, L, H)) reaches ``threshold``."""
+    out = torch.zeros_like(heads)
+    if heads.shape[1] < 2:
+        return out
+    out[:, 0] = previous[:, 0] >= threshold
+    for layer in range(1, heads.shape[1]):
+        kc = k_composition(pop, layer).cpu()  # (P, H0, H1)
+        feeder = torch.nn.functional.one_hot(kc.argmax(1), heads.shape[2]).bool()  # (P, H1, H0)
+        out[:, 0] |= (feeder & heads[:, layer, :, None]).any(1)
+    return out
+
+
+@torch.no_grad()
+def causal_check(pop: Population, scoring, scores: dict, threshold: float, generator: torch.Generator) -> dict:
+    """Second-copy (and first-copy) loss change per member when its induction heads are ablated, and when
+    one control head drawn at random is: [P] each, plus the masks (P, L, H) (see the module docstring).
+
+    ``scores``: the members' final ``head_scores`` (``induction`` and ``previous`` (P, L, H) are read)."""
+    detected, heads = candidate_heads(scores["induction"].cpu(), threshold)
+    shape = heads.shape
+    excluded = heads | read_from(pop, heads, scores["previous"].cpu(), threshold)
+    weights = (~excluded).flatten(1).float()
+    weights = torch.where(weights.sum(1, keepdim=True) > 0, weights, (~heads).flatten(1).float() + 1e-12)
+    other = torch.multinomial(weights, 1, generator=generator)[:, 0]
+    control = (torch.nn.functional.one_hot(other, weights.shape[1]).bool().view(shape)) & ~heads
+    base = head_scores(pop, scoring)
+    out = {"detected": detected, "induction_heads": heads, "random_head": control, "excluded": excluded}
+    for label, mask in (("induction", heads), ("random", control)):
+        after = head_scores(pop, scoring, ablate_heads(pop, mask.to(pop.device)))
         out[f"{label}_second"] = (after["loss_second"] - base["loss_second"]).cpu()
         out[f"{label}_first"] = (after["loss_first"] - base["loss_first"]).cpu()
     return out
 
 
-def _cell(values) -> str:
-    mean, lo, hi = mean_interval(values)
-    if math.isnan(mean):
-        return "-"
-    return f"{mean:.3f}" + ("" if math.isnan(lo) else f" [{lo:.3f}, {hi:.3f}]")
-
-
-def _share(k: int, n: int) -> str:
-    lo, hi = wilson(k / n, n) if n else (math.nan, math.nan)
-    return f"{k}/{n} ({100 * k / n:.0f}% [{100 * lo:.0f}, {100 * hi:.0f}])" if n else "-"
-
-
-def summary_rows(depths: list[dict], cfg: InductionConfig) -> list[dict]:
-    """One row per depth and task: members that grew induction heads (Wilson 95%), phase and loss
-    steps, final scores and losses, the causal check (means with 95% t intervals over members)."""
-    rows = []
-    for d in depths:
-        for task in cfg.tasks:
-            idx = [i for i, m in enumerate(d["layout"]) if m["task"] == task]
-            grew = d["causal"]["detected"][idx]
-            later = (grew & d["causal"]["induction_heads"][idx, 1:].flatten(1).any(1)).sum()
-            steps = [float(d["phase_step"][i]) for i in idx]
-            rows.append({"depth": d["depth"], "task": task, "members": len(idx),
-                         "grew induction heads": _share(int(grew.sum()), len(idx)),
-                         "of which in layer >= 1": int(later),
-                         "phase step": _cell(steps), "loss step": _cell([float(d["loss_step"][i]) for i in idx]),
-                         "best induction score": _cell(d["induction"][-1].flatten(1).max(1).values[idx].tolist()),
-                         "best previous-token score": _cell(d["previous"][-1].flatten(1).max(1).values[idx].tolist()),
-                         "loss 1st copy": _cell(d["loss_first"][-1, idx].tolist()),
-                         "loss 2nd copy": _cell(d["loss_second"][-1, idx].tolist()),
-                         "ablate induction heads: d loss 2nd": _cell(d["causal"]["induction_second"][idx].tolist()),
-                         "ablate a random other head: d loss 2nd": _cell(d["causal"]["random_second"][idx].tolist())})
-    return rows
+def composition(pop: Population, scores: dict, threshold: float) -> dict:
+    """Per member: K-composition of its best layer-0 previous-token head into its best layer-1 induction
+    head, the Gaussian chance level, and whether the member grew textbook induction heads: [P] each."""
+    P, L, H = scores["induction"].shape
+    if L < 2:
+        nan = torch.full((P,), math.nan)
+        return {"k_composition": nan, "k_chance": math.nan, "textbook": torch.zeros(P, dtype=torch.bool)}
+    prev = scores["previous"][:, 0].cpu().argmax(1)  # (P,)
+    ind = scores["induction"][:, 1].cpu().argmax(1)
+    kc = k_composition(pop, 1).cpu()[torch.arange(P), prev, ind]
+    k_chance = k_composition_chance(pop)
+    textbook = ((later(scores["induction"].cpu()) >= threshold)
+                & (scores["previous"][:, 0].cpu().max(1).values >= threshold) & (kc > k_chance))
+    return {"k_composition": kc, "k_chance": k_chance, "textbook": textbook}
 
 
 def seed_dependence(steps: torch.Tensor, layout: list[dict], task: str) -> dict:
@@ -301,35 +281,10 @@ def induction_experiment(cfg: InductionConfig, names: list[str], engine: Engine 
     for depth in cfg.depths:
         d = train_depth(depth, cfg, names, engine, log, device)
         d.update(phase_steps(d, cfg))
+        final = {k: d[k][-1] for k in ("induction", "previous")}
         g = torch.Generator().manual_seed(tool_seed(cfg.seed, "induction", depth, "causal"))
-        d["causal"] = causal_check(d["population"], d["seqs"], d["induction"][-1], cfg.score_threshold, g)
+        d["causal"] = causal_check(d["population"], d["scoring"], final, cfg.score_threshold, g)
+        d.update(composition(d["population"], final, cfg.score_threshold))
         d["seed_dependence"] = [seed_dependence(d["phase_step"], d["layout"], t) for t in cfg.tasks]
         depths.append(d)
     return {"depths": depths, "table": summary_rows(depths, cfg)}
-
-
-def member_rows(depths: list[dict]) -> list[dict]:
-    """One row per member: its place in the grid, final scores, phase steps and causal check."""
-    rows = []
-    for d in depths:
-        c = d["causal"]
-        for i, m in enumerate(d["layout"]):
-            best = d["induction"][-1, i].flatten()
-            H = d["induction"].shape[-1]
-            rows.append({"depth": d["depth"], "member": i, **m, "init_seed": d["seeds"][m["init"]],
-                         "best_induction_score": float(best.max()), "best_layer": int(best.argmax()) // H,
-                         "best_head": int(best.argmax()) % H,
-                         "best_previous_score": float(d["previous"][-1, i].max()),
-                         "best_duplicate_score": float(d["duplicate"][-1, i].max()),
-                         "loss_first": float(d["loss_first"][-1, i]), "loss_second": float(d["loss_second"][-1, i]),
-                         "phase_step": float(d["phase_step"][i]), "loss_step": float(d["loss_step"][i]),
-                         "grew_induction_heads": bool(c["detected"][i]),
-                         "induction_heads": " ".join(f"L{j // H}H{j % H}" for j in
-                                                     c["induction_heads"][i].flatten().nonzero().flatten().tolist()),
-                         "random_head": "L{0}H{1}".format(*divmod(int(c["random_head"][i].flatten().int().argmax()),
-                                                                   H)),
-                         "ablate_induction_d_loss_second": float(c["induction_second"][i]),
-                         "ablate_random_d_loss_second": float(c["random_second"][i]),
-                         "ablate_induction_d_loss_first": float(c["induction_first"][i]),
-                         "ablate_random_d_loss_first": float(c["random_first"][i])})
-    return rows

@@ -22,7 +22,9 @@ from .._version import __version__
 from ..data import load_names, split_names
 from ..engine import Engine, default_engine
 from ..runio import RunError, environment, format_table, write_atomic, write_csv, write_json
-from .induction import InductionConfig, induction_experiment, member_rows
+from .induction import InductionConfig, induction_experiment
+from .induction_rows import member_rows
+from .induction_scores import later
 
 MARKER = "induction.json"  # written first: marks a folder popgpt induction owns
 OUTPUTS = {MARKER, "results.json", "members.csv", "induction.md", "phase_histogram.png", "phase_change.png"}
@@ -57,29 +59,57 @@ def _chance(s: dict, key: str) -> float:
 
 
 def markdown(results: dict, cfg: InductionConfig, env: dict) -> str:
-    cols = list(results["table"][0])
+    cols = list(dict.fromkeys(k for row in results["table"] for k in row))
+    task = (f"repeat rows `. u s g s .`: s of {cfg.min_len}-{cfg.max_len} tokens, gap 0-{cfg.gap_max}, "
+            f"{'distinct tokens' if cfg.distinct_letters else 'tokens may repeat'}, vocabulary {cfg.vocab}, loss on "
+            f"{'the second copy only' if cfg.loss == 'second' else 'every next token'}")
+    arch = (f"{cfg.n_embd} wide, {cfg.n_head} heads, {'attention only' if cfg.attn_only else 'with MLP'}")
     lines = [f"# Induction heads: {cfg.members} members per depth ({len(cfg.tasks)} tasks x {cfg.inits} init "
              f"seeds x {cfg.orders} data orders), {cfg.steps} steps of batch {cfg.batch_size}, lr {cfg.lr}", "",
-             f"Scores on {cfg.eval_seqs} sequences `. r r` (r: {cfg.eval_len} random letters). Induction head: "
-             f"score >= {cfg.score_threshold}. Phase step: first checkpoint (every {cfg.every} steps) where the "
-             f"best induction score reaches it; loss step: first where the second-copy loss < {cfg.icl_loss} nats. "
-             "Cells: mean [95% t interval] over members (steps: over members that reached them); counts with "
-             "Wilson 95% intervals. Causal check: change of the second-copy loss (nats) when the member's "
-             "induction heads (its best head if none passes) or one other random head are zeroed.", "",
+             f"Task: {task}. Models: {arch}.", "",
+             f"Scores on {cfg.eval_seqs} scoring rows of random length, prefix and gap with distinct tokens "
+             "(a perfect induction head scores 1; chance: a head attending uniformly). Induction head: a head "
+             f"of layer >= 1 with induction score >= {cfg.score_threshold}; textbook: also a layer-0 "
+             "previous-token head >= the threshold whose K-composition into it exceeds the Gaussian chance "
+             f"level. Phase step: first checkpoint (every {cfg.every} steps) where a layer >= 1 head reaches "
+             f"the threshold; loss step: first where the second-copy loss < {cfg.icl_loss} nats. Cells: mean "
+             "[95% t interval] over members (steps: over members that reached them); counts with Wilson 95% "
+             "intervals. Causal check: change of the second-copy loss (nats) when the member's induction heads "
+             "(its best layer >= 1 head if none passes) or one control head (not those, not a layer-0 head "
+             "they read from) are zeroed.", "",
              format_table(results["table"], cols, str), "",
              "How the phase step depends on the seed (share of the spread of phase steps between init-seed "
              "means and between data-order means; a share near its chance level means no dependence):", "",
              format_table(_phase_table(results), list(_phase_table(results)[0])), "",
+             "Phase steps, per depth and task (histogram; 'never': no layer >= 1 head reached the threshold):", "",
+             *histogram_lines(results, cfg), "",
              f"threads {env['threads']}, torch {env['torch']}, {env['device_name']}, "
              f"{results['seconds']:.0f} s", ""]
     return "\n".join(lines)
+
+
+def histogram_lines(results: dict, cfg: InductionConfig) -> list[str]:
+    """One line per depth and task: members per bin of phase steps, and those that never reached it."""
+    width = max(cfg.every, round(cfg.steps / 10 / cfg.every) * cfg.every)
+    lines = []
+    for d in results["depths"]:
+        for task in cfg.tasks:
+            steps = [float(s) for s, m in zip(d["phase_step"], d["layout"]) if m["task"] == task]
+            bins: dict = {}
+            for s in steps:
+                key = "never" if math.isnan(s) else int(s // width) * width
+                bins[key] = bins.get(key, 0) + 1
+            cells = [f"{k}-{k + width - 1}: {bins[k]}" for k in sorted(k for k in bins if k != "never")]
+            lines.append(f"- depth {d['depth']}, {task}: " + ", ".join(cells + [f"never: {bins.get('never', 0)}"]))
+    return lines
 
 
 def write_induction(out: str, results: dict, cfg: InductionConfig, env: dict, log=print) -> None:
     members = member_rows(results["depths"])
     write_csv(os.path.join(out, "members.csv"), members, list(members[0]))
     traj = [{"depth": d["depth"], "steps": d["steps"].tolist(),
-             **{k: d[k].flatten(2).max(2).values.T.tolist() for k in ("induction", "previous", "duplicate")},
+             **{k: later(d[k]).T.tolist() for k in ("induction", "shifted", "copying") if d["depth"] > 1},
+             "previous_layer0": d["previous"][:, :, 0].flatten(2).max(2).values.T.tolist(),
              "loss_first": d["loss_first"].T.tolist(), "loss_second": d["loss_second"].T.tolist()}
             for d in results["depths"]]
     write_json(os.path.join(out, "results.json"), {
@@ -125,10 +155,12 @@ def _plots(out: str, results: dict, cfg: InductionConfig) -> list[str]:
                 continue
             c = colors.get(d["depth"], "tab:red")
             kw = {"color": c, "alpha": 0.35, "lw": 0.8, "label": f"{d['depth']} layer(s)" if i == 0 else None}
-            a1.plot(d["steps"], d["induction"][:, i].flatten(1).max(1).values, **kw)
+            a1.plot(d["steps"], d["induction"][:, i].flatten(1).max(1).values if d["depth"] == 1
+                    else later(d["induction"][:, i]), **kw)
             a2.plot(d["steps"], d["loss_second"][:, i], **kw)
     a1.axhline(cfg.score_threshold, color="k", ls=":", lw=0.8)
-    a1.set(xlabel="training step", ylabel="best induction score", title=f"task {cfg.tasks[0]}")
+    a1.set(xlabel="training step", ylabel="best induction score",
+           title=f"task {cfg.tasks[0]}: layer >= 1 (1 layer: layer 0)")
     a2.set(xlabel="training step", ylabel="second-copy loss (nats)", title="in-context loss, second copy")
     a2.axhline(cfg.icl_loss, color="k", ls=":", lw=0.8)
     a1.legend(fontsize=8)
