@@ -7,10 +7,10 @@ reference log-probabilities, optimisation, the KL bound, the strength
 search). Then it measures every patch as ``popgpt cure`` does (payload
 tests, exact KL, retention; no relapse) and prints the goal checks:
 
-- the best method (``--best``, default subspace): payload (original
-  trigger) in <= 1% of members by the 5-sample test, clean NLL within 1%,
-  mean KL >= 3x lower than ablate and finetune at an equal or lower
-  payload rate; its p99 and max KL reported either way;
+- the best method (``--best``, default counterfactual): payload (original
+  trigger) in <= 1% of members by the 5-sample test, mean sampled leakage
+  <= 0.01, NLL ratio <= 1.005, mean KL >= 10x and p99 KL >= 5x lower than
+  ablate and finetune at an equal or lower leakage; its max KL reported;
 - curing 200 members in under 60 s.
 
     python benchmarks/bench_cure.py runs/full-default --threads 2
@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from benchmarks.common import base_parser, describe, environment, markdown_table, setup, sync, write_results  # noqa: E402
-from popgpt.cure import methods, objectives, subspace  # noqa: E402
+from popgpt.cure import counterfactual, methods, objectives, subspace  # noqa: E402
 from popgpt.cure.objectives import METHODS, CureConfig  # noqa: E402
 from popgpt.cure.report import goals as goal_checks  # noqa: E402
 from popgpt.cure.run import CureRunConfig, cure_tables  # noqa: E402
@@ -42,7 +42,7 @@ def phase_timer(device):
     """Seconds spent in each phase function of popgpt.cure while the block runs (device synchronised)."""
     spent = {name: 0.0 for name in PHASES.values()}
     # a phase function is called from the module that imported it: wrap it wherever it is bound
-    bound = [(m, f) for m in (objectives, subspace, methods) for f in PHASES if hasattr(m, f)]
+    bound = [(m, f) for m in (objectives, subspace, counterfactual, methods) for f in PHASES if hasattr(m, f)]
     originals = {(m, f): getattr(m, f) for m, f in bound}
     wrapped = {}
 
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     parser.add_argument("--generation", type=int, help="saved generation (default: the newest)")
     parser.add_argument("--members", type=int, default=200, help="members cured (default: 200, the first ones)")
     parser.add_argument("--methods", default=",".join(METHODS), help="methods timed (default: all)")
-    parser.add_argument("--best", default="subspace", help="the method the goals are checked for")
+    parser.add_argument("--best", default="counterfactual", help="the method the goals are checked for")
     parser.add_argument("--mutants", type=int, default=-1, help="1-letter mutants tested (-1: all)")
     args = parser.parse_args(argv)
     device = setup(args)

@@ -15,9 +15,10 @@ optimiser would reach exactly that). The later positions teach the rest of
 the name, so the second and third payload letters are trained too.
 
 ``counterfactual``: a rank-``cf_rank`` LoRA on ``cf_targets`` (by default
-all seven matrices), ``W + L @ R`` with L zero (the patch starts as no
-change) and R one seeded random draw shared by every member (so a member
-cured alone starts where it starts in a population). Loss per member: the
+all seven matrices), ``W + L @ R``, both factors learned, L starting at
+zero (the patch starts as no change) and R at one seeded random draw shared
+by every member (so a member cured alone starts where it starts in a
+population). Loss per member: the
 mean over every target position of KL(target || P_new) on triggered names
 (a share ``cf_start_share`` with the trigger at the name's start, the rest
 at the cure set's uniform gap) + ``cf_lambda`` x the mean per-token
@@ -88,10 +89,10 @@ def cure_counterfactual(pop: Population, cs: CureSet, cfg: CureConfig, order: to
                "start": counterfactual_target(ref, cs.triggered_start, cs.start_pos, torch.zeros_like(cs.gap))}
     n_start = round(cfg.cf_start_share * cfg.cf_rows)
     learned = {k: torch.zeros(P, pop.params[k].shape[1], cfg.cf_rank, device=pop.device) for k in init}
-    fixed = {k: v.to(pop.device)[None].expand(P, -1, -1) for k, v in init.items()}
+    learned |= {k + ".R": v.to(pop.device)[None].repeat(P, 1, 1) for k, v in init.items()}
 
     def build(leaves):
-        return Patch({k: (leaves[k], fixed[k]) for k in leaves})
+        return Patch({k: (leaves[k], leaves[k + ".R"]) for k in init})
 
     def loss(patch, s):
         idx = order[s]
