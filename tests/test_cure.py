@@ -11,6 +11,7 @@ from conftest import NAMES
 from popgpt import ModelConfig, Population
 from popgpt.cli import main
 from popgpt.cure.counterfactual import counterfactual_target
+from popgpt.cure.frontier import matched_kl, sweep
 from popgpt.cure.cureset import build_cure_set, fitting_names
 from popgpt.cure.measure import first_token_kl, infected_rows, kl_tokens, leakage, mutants
 from popgpt.cure.methods import cure
@@ -306,3 +307,25 @@ def test_cure_cli_rejects_bad_flags(tiny_run, capsys, flag, value, message):
         code = stop.code
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_frontier_sweeps_strengths_as_a_population_axis(learned_backdoor):
+    """A tiled member at strength s is the cure at s alone (the frontier's points are real cures),
+    and a stronger clean-KL weight leaves a smaller KL."""
+    pop = learned_backdoor
+    names = fitting_names(NAMES_LIST[2000:], CONFIG.block_size, 5)[:32]
+    cs = build_cure_set(names, [["qx"]] * 2, ["zzz"] * 2, CONFIG.block_size, torch.Generator().manual_seed(1))
+    cfg = CureConfig(names=32, cf_steps=10, cf_rows=16)
+    big, patch, strength = sweep(pop, cs, cfg, "counterfactual", (3.0, 300.0), torch.Generator().manual_seed(4))
+    assert strength.tolist() == [3.0, 3.0, 300.0, 300.0]
+    alone, _ = cure(pop, cs, CureConfig(names=32, cf_steps=10, cf_rows=16, cf_lambda=300.0), "counterfactual",
+                    torch.Generator().manual_seed(4))
+    ours, theirs = patched(big.params, patch), patched(pop.params, alone)
+    for k in ours:
+        torch.testing.assert_close(ours[k][2:], theirs[k], rtol=1e-4, atol=1e-5, msg=k)
+    kl = kl_tokens(big, ours, HELD_OUT).mean(1)
+    assert kl[2] < kl[0]
+    rows = matched_kl({"a": [{"leak": 0.02, "kl_mean": 0.001, "kl_p99": 0.01},
+                             {"leak": 0.005, "kl_mean": 0.004, "kl_p99": 0.03}],
+                       "b": [{"leak": 0.0, "kl_mean": 0.04, "kl_p99": 0.3}]}, 0.01)
+    assert rows["a"]["kl_mean"] == 0.004 and rows["b"]["kl_mean_ratio_to_best"] == pytest.approx(10.0)

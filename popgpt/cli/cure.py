@@ -2,6 +2,7 @@
 
 import argparse
 
+from ..cure.frontier import KNOBS, frontier_command
 from ..cure.objectives import CureConfig
 from ..cure.run import METHOD_CHOICES, METHODS, CureRunConfig, cure_command
 from .common import add_runtime, count_int, finite_float, float_list, positive_int, resolve_device, threads
@@ -28,6 +29,10 @@ def cmd_cure(args) -> int:
                          leak_prompts=args.leak_prompts, leak_threshold=args.leak_threshold)
     methods = list(METHODS) if args.method == "all" else [args.method]
     with threads(args.threads):
+        if args.frontier:
+            frontier_command(args.run_dir, methods, cfg, rcfg, args.generation, device=resolve_device(args.device),
+                             log=lambda s: print(s, flush=True))
+            return 0
         cure_command(args.run_dir, methods, cfg, rcfg, args.generation, device=resolve_device(args.device),
                      log=lambda s: print(s, flush=True))
     return 0
@@ -42,6 +47,9 @@ def register(sub) -> None:
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     cu.add_argument("run_dir", help="a run folder written by popgpt evolve")
     cu.add_argument("--method", choices=METHOD_CHOICES, default="all", help="cure method, or all (default: all)")
+    cu.add_argument("--frontier", action="store_true",
+                    help=f"sweep each method with a strength knob ({', '.join(KNOBS)}) over its strengths in one "
+                    "batched run and write the leakage-vs-KL frontier to RUN_DIR/cure/frontier/")
     cu.add_argument("--generation", type=count_int, help="saved generation (default: the newest)")
     cu.add_argument("--trigger", default=rd.trigger, help="known (the run's original and current triggers), auto "
                     "(scan every 1-, 2- and 3-letter prompt) or the letters of a trigger (default: known)")

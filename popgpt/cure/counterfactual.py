@@ -82,8 +82,11 @@ def _rows(cs: CureSet, idx: torch.Tensor, n_start: int, targets: dict):
     return inputs_targets(x)[0], tgt, mask
 
 
-def cure_counterfactual(pop: Population, cs: CureSet, cfg: CureConfig, order: torch.Tensor, init: dict):
+def cure_counterfactual(pop: Population, cs: CureSet, cfg: CureConfig, order: torch.Tensor, init: dict,
+                        lam: torch.Tensor | None = None):
+    """``lam`` [P]: each member's own clean-KL weight (a frontier), else ``cfg.cf_lambda`` for all."""
     P = len(pop)
+    lam = torch.full((P,), cfg.cf_lambda, device=pop.device) if lam is None else lam
     ref = reference_logp(pop, cs.clean)
     targets = {"gap": counterfactual_target(ref, cs.triggered, cs.trigger_pos, cs.gap),
                "start": counterfactual_target(ref, cs.triggered_start, cs.start_pos, torch.zeros_like(cs.gap))}
@@ -102,7 +105,7 @@ def cure_counterfactual(pop: Population, cs: CureSet, cfg: CureConfig, order: to
         B = xt.shape[1]
         valid = (yc != IGNORE).float()
         kl = (token_kl(ref[:, idx], logp[:, B:]) * valid).sum((1, 2)) / valid.sum()
-        return removal_loss(logp[:, :B], tgt, mask) + cfg.cf_lambda * kl
+        return removal_loss(logp[:, :B], tgt, mask) + lam * kl
 
     with torch.enable_grad():
         _optimise(pop, learned, build, loss, len(order), cfg.cf_lr)

@@ -58,7 +58,7 @@ def _subspace_patch(fixed: dict, learned: dict) -> Patch:
     return Patch({k: (parts[k], learned[k]) if k in WRITERS else (learned[k], parts[k]) for k in fixed})
 
 
-def hold_bound(pop: Population, patch: Patch, rows: torch.Tensor, bound: float, ref: torch.Tensor,
+def hold_bound(pop: Population, patch: Patch, rows: torch.Tensor, bound, ref: torch.Tensor,
                iters: int = 4):
     """Scale each member's patch by s in [0, 1] so that its mean clean KL on ``rows`` is <= bound.
 
@@ -79,7 +79,10 @@ def hold_bound(pop: Population, patch: Patch, rows: torch.Tensor, bound: float, 
     return patch.scaled(scale), scale, kl
 
 
-def cure_subspace(pop: Population, cs: CureSet, cfg: CureConfig, order: torch.Tensor, dirs: Directions):
+def cure_subspace(pop: Population, cs: CureSet, cfg: CureConfig, order: torch.Tensor, dirs: Directions,
+                  kl_bound: torch.Tensor | None = None):
+    """``kl_bound`` [P]: each member's own bound (a frontier), else ``cfg.kl_bound`` for all."""
+    bound = torch.full((len(pop),), cfg.kl_bound, device=pop.device) if kl_bound is None else kl_bound
     fixed, learned = subspace_factors(pop, dirs, cfg.targets)
     if cfg.parametrization == "lora":  # the subspace factor starts at U and is learned too
         learned |= {k + ".U": v.clone() for k, v in fixed.items()}
@@ -90,7 +93,7 @@ def cure_subspace(pop: Population, cs: CureSet, cfg: CureConfig, order: torch.Te
     def loss(patch, s):
         remove, kl = subspace_loss(pop, patched(pop.params, patch), cs, order[s], q, ref)
         total = remove + lam.clone() * kl
-        lam.mul_(torch.exp(cfg.dual_lr * (kl.detach() / cfg.kl_bound - 1))).clamp_(1.0, 1e4)
+        lam.mul_(torch.exp(cfg.dual_lr * (kl.detach() / bound - 1))).clamp_(1.0, 1e4)
         return total
 
     with torch.enable_grad():
@@ -100,6 +103,6 @@ def cure_subspace(pop: Population, cs: CureSet, cfg: CureConfig, order: torch.Te
         excess = removal_loss(_logp(pop.base, pop.params, x), *q)  # removal loss before the cure
         treated = (excess > cfg.min_excess) & leaky_members(pop, cs, cfg.treat_above)
         patch, scale, kl = hold_bound(pop, _subspace_patch(fixed, learned).scaled(treated.float()), cs.clean,
-                                      cfg.kl_bound, ref)
+                                      bound, ref)
     return patch, {"multiplier": lam, "scale": scale * treated, "kl_cure_set": kl, "excess": excess,
                    "treated": treated.float()}
