@@ -82,6 +82,14 @@ def _rows(cs: CureSet, idx: torch.Tensor, n_start: int, targets: dict):
     return inputs_targets(x)[0], tgt, mask
 
 
+def step_widths(cs: CureSet, order: torch.Tensor) -> list[int]:
+    """Per step, the input positions any of its rows uses (one host read for the whole cure): a causal
+    model's outputs at earlier positions do not depend on the padding after them, so it is cut off."""
+    longest = torch.maximum(((cs.triggered[..., 1:] != IGNORE).sum(-1)).amax(0),
+                            ((cs.triggered_start[..., 1:] != IGNORE).sum(-1)).amax(0))  # (N,) targets per row
+    return longest[order].amax(-1).tolist()
+
+
 def cure_counterfactual(pop: Population, cs: CureSet, cfg: CureConfig, order: torch.Tensor, init: dict,
                         lam: torch.Tensor | None = None):
     """``lam`` [P]: each member's own clean-KL weight (a frontier), else ``cfg.cf_lambda`` for all."""
@@ -97,14 +105,17 @@ def cure_counterfactual(pop: Population, cs: CureSet, cfg: CureConfig, order: to
     def build(leaves):
         return Patch({k: (leaves[k], leaves[k + ".R"]) for k in init})
 
+    widths = step_widths(cs, order)
+
     def loss(patch, s):
-        idx = order[s]
+        idx, w = order[s], widths[s]  # positions from w on are padding in every row of the step
         xt, tgt, mask = _rows(cs, idx, n_start, targets)
         xc, yc = inputs_targets(cs.clean[idx])
+        xt, tgt, mask, xc, yc = xt[..., :w], tgt[..., :w, :], mask[..., :w], xc[..., :w], yc[..., :w]
         logp = _logp(pop.base, patched(pop.params, patch), torch.cat([xt, xc.expand(P, -1, -1)], 1))
         B = xt.shape[1]
         valid = (yc != IGNORE).float()
-        kl = (token_kl(ref[:, idx], logp[:, B:]) * valid).sum((1, 2)) / valid.sum()
+        kl = (token_kl(ref[:, idx, :w], logp[:, B:]) * valid).sum((1, 2)) / valid.sum()
         return removal_loss(logp[:, :B], tgt, mask) + lam * kl
 
     with torch.enable_grad():
