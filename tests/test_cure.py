@@ -11,8 +11,8 @@ from conftest import NAMES
 from popgpt import ModelConfig, Population
 from popgpt.cli import main
 from popgpt.cure.counterfactual import counterfactual_target
-from popgpt.cure.frontier import matched_kl, sweep
 from popgpt.cure.cureset import build_cure_set, fitting_names
+from popgpt.cure.frontier import matched_kl, sweep
 from popgpt.cure.measure import first_token_kl, infected_rows, kl_tokens, leakage, mutants
 from popgpt.cure.methods import cure
 from popgpt.cure.objectives import CureConfig, batch_order, clean_kl, contrast_directions, reference_logp, token_kl
