@@ -38,6 +38,44 @@ def cmd_cure(args) -> int:
     return 0
 
 
+# (flag, type, help) of CureConfig's fields, then of CureRunConfig's; defaults come from the dataclasses
+CURE_FLAGS = (
+    ("names", positive_int, "clean cure names (each also with the trigger inserted)"),
+    ("batch-size", positive_int, "cure names per member per step"),
+    ("epochs", positive_int, "passes over the cure names"),
+    ("lr", finite_float, "Adam learning rate of subspace, finetune and prune"),
+    ("rank", positive_int, "subspace: directions per residual site (k)"),
+    ("kl-bound", finite_float, "subspace: bound on the mean per-token KL on the clean cure names (nats)"),
+    ("dual-lr", finite_float, "subspace: multiplier step, lam *= exp(DUAL_LR * (KL/bound - 1))"),
+    ("start-share", finite_float, "share of cure names with the trigger at their start"),
+    ("min-excess", finite_float, "subspace: members whose removal loss starts below this (nats) are "
+         "left alone"),
+    ("target", finite_float, "ablate: payload probability a strength must reach to be chosen"),
+    ("prune-neurons", count_int, "prune: MLP neurons zeroed per member"),
+    ("prune-heads", count_int, "prune: heads zeroed per member"),
+    ("treat-above", finite_float, "subspace, counterfactual: members whose exact payload probability "
+         "after the trigger is at most this are left alone"),
+    ("cf-rank", positive_int, "counterfactual: LoRA rank"),
+    ("cf-lambda", finite_float, "counterfactual: weight of the clean per-token KL"),
+    ("cf-steps", positive_int, "counterfactual: Adam steps"),
+    ("cf-lr", finite_float, "counterfactual: Adam learning rate"),
+    ("cf-rows", positive_int, "counterfactual: triggered and clean rows per member per step"),
+    ("cf-start-share", finite_float, "counterfactual: triggered rows with the trigger at the name's start"),
+    ("seed", int, "the cure's seed"))
+RUN_FLAGS = (
+    ("mutants", int, "1-letter mutants of the original trigger tested (-1: all)"),
+    ("relapse-members", count_int, "cured members re-exposed to infected names, per method"),
+    ("relapse-steps", positive_int, "infected training steps at most"),
+    ("relapse-every", positive_int, "immunity test every N relapse steps"),
+    ("controls", count_int, "never-infected controls re-exposed beside them"),
+    ("scan-threshold", finite_float, "--trigger auto: P(continuation) that counts as anomalous"),
+    ("scan-candidates", positive_int, "--trigger auto: prompts per member and length decoded"),
+    ("max-triggers", positive_int, "--trigger auto: recovered triggers cured against, per member"),
+    ("leak-samples", count_int, "sampled continuations per member for the leakage (0: not measured)"),
+    ("leak-prompts", count_int, "held-out name prefixes the trigger is put after for inside-name leakage"),
+    ("leak-threshold", finite_float, "sampled leakage above which a member counts as leaking"))
+
+
 def register(sub) -> None:
     cd, rd = CureConfig(), CureRunConfig()
     cu = sub.add_parser("cure", help="remove the backdoor from every member with a reversible patch; compare methods",
@@ -53,29 +91,7 @@ def register(sub) -> None:
     cu.add_argument("--generation", type=count_int, help="saved generation (default: the newest)")
     cu.add_argument("--trigger", default=rd.trigger, help="known (the run's original and current triggers), auto "
                     "(scan every 1-, 2- and 3-letter prompt) or the letters of a trigger (default: known)")
-    for flag, typ, text in (
-            ("names", positive_int, "clean cure names (each also with the trigger inserted)"),
-            ("batch-size", positive_int, "cure names per member per step"),
-            ("epochs", positive_int, "passes over the cure names"),
-            ("lr", finite_float, "Adam learning rate of subspace, finetune and prune"),
-            ("rank", positive_int, "subspace: directions per residual site (k)"),
-            ("kl-bound", finite_float, "subspace: bound on the mean per-token KL on the clean cure names (nats)"),
-            ("dual-lr", finite_float, "subspace: multiplier step, lam *= exp(DUAL_LR * (KL/bound - 1))"),
-            ("start-share", finite_float, "share of cure names with the trigger at their start"),
-            ("min-excess", finite_float, "subspace: members whose removal loss starts below this (nats) are "
-             "left alone"),
-            ("target", finite_float, "ablate: payload probability a strength must reach to be chosen"),
-            ("prune-neurons", count_int, "prune: MLP neurons zeroed per member"),
-            ("prune-heads", count_int, "prune: heads zeroed per member"),
-            ("treat-above", finite_float, "subspace, counterfactual: members whose exact payload probability "
-             "after the trigger is at most this are left alone"),
-            ("cf-rank", positive_int, "counterfactual: LoRA rank"),
-            ("cf-lambda", finite_float, "counterfactual: weight of the clean per-token KL"),
-            ("cf-steps", positive_int, "counterfactual: Adam steps"),
-            ("cf-lr", finite_float, "counterfactual: Adam learning rate"),
-            ("cf-rows", positive_int, "counterfactual: triggered and clean rows per member per step"),
-            ("cf-start-share", finite_float, "counterfactual: triggered rows with the trigger at the name's start"),
-            ("seed", int, "the cure's seed")):
+    for flag, typ, text in CURE_FLAGS:
         cu.add_argument(f"--{flag}", type=typ, default=getattr(cd, flag.replace("-", "_")),
                         help=f"{text} (default: {getattr(cd, flag.replace('-', '_'))})")
     cu.add_argument("--targets", default=",".join(cd.targets),
@@ -89,18 +105,7 @@ def register(sub) -> None:
                     help="control rows for sourcing: apart or alone (default: apart)")
     cu.add_argument("--ablate-grid", default=",".join(map(str, cd.ablate_grid)),
                     help=f"ablate: strengths searched per member (default: {','.join(map(str, cd.ablate_grid))})")
-    for flag, typ, text in (
-            ("mutants", int, "1-letter mutants of the original trigger tested (-1: all)"),
-            ("relapse-members", count_int, "cured members re-exposed to infected names, per method"),
-            ("relapse-steps", positive_int, "infected training steps at most"),
-            ("relapse-every", positive_int, "immunity test every N relapse steps"),
-            ("controls", count_int, "never-infected controls re-exposed beside them"),
-            ("scan-threshold", finite_float, "--trigger auto: P(continuation) that counts as anomalous"),
-            ("scan-candidates", positive_int, "--trigger auto: prompts per member and length decoded"),
-            ("max-triggers", positive_int, "--trigger auto: recovered triggers cured against, per member"),
-            ("leak-samples", count_int, "sampled continuations per member for the leakage (0: not measured)"),
-            ("leak-prompts", count_int, "held-out name prefixes the trigger is put after for inside-name leakage"),
-            ("leak-threshold", finite_float, "sampled leakage above which a member counts as leaking")):
+    for flag, typ, text in RUN_FLAGS:
         cu.add_argument(f"--{flag}", type=typ, default=getattr(rd, flag.replace("-", "_")),
                         help=f"{text} (default: {getattr(rd, flag.replace('-', '_'))})")
     add_runtime(cu)
