@@ -49,6 +49,7 @@ def test_html_page_is_self_contained_and_holds_the_numbers():
     torch.testing.assert_close(torch.tensor(data["panels"][0]["patterns"]), pat, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_attention_cli(make_tiny_run, capsys):
     run = make_tiny_run()
     assert main(["attention", run, "--member", "0", "--member", "3", "--text", "qxzzzemma", "--population",

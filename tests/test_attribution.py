@@ -210,6 +210,7 @@ def test_replay_equals_the_saved_generation_0(tiny_run):
     assert int(replay.truth.sum()) == sum(d != n for d, n in zip(replay.docs, run.data.train_docs))
 
 
+@pytest.mark.slow
 def test_attribute_cli_end_to_end(tiny_run, capsys):
     run_dir = tiny_run
     rc = main(["attribute", run_dir, "--members", "2", "--checkpoints", "0,3", "--names", "300", "--gn-names", "64",

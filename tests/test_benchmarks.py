@@ -28,6 +28,7 @@ def test_bench_vmap_vs_sequential_smoke(tmp_path, capsys):
     assert os.path.isfile(tmp_path / "bench_vmap_vs_sequential.md")
 
 
+@pytest.mark.slow
 def test_bench_experiment_smoke(tmp_path, capsys):
     code = bench_experiment.main(["--device", "cpu", "--pop-size", "6", "--generations", "1", "--steps", "3",
                                   "--finetune-steps", "2", "--out", str(tmp_path)])

@@ -72,6 +72,7 @@ def loop_of_single_models(bank, dtype):
     return models
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["eager", "graph", "compile"])
 def test_members_with_their_own_data_hyperparameters_and_steps_equal_single_models(bank, kind):
     dtype = torch.float32 if kind == "compile" else torch.float64
@@ -210,3 +211,31 @@ def test_a_sweep_too_large_for_memory_fails_before_allocating(tmp_path, capsys):
         code = e.code
     err = capsys.readouterr().err
     assert code == 2 and "largest population that fits is about" in err and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("common", [False, True])
+def test_common_random_numbers_pair_the_conditions(tmp_path, common):
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(load_names(NAMES)[:1500]) + "\n")
+    run = str(tmp_path / "run")
+    argv = ["sweep", "--data", str(names), "--out", run, "--pop-size", "4", "--generations", "1", "--steps", "4",
+            "--batch-size", "4", "--eval-docs", "30", "--sample-names", "2", "--device", "cpu", "--replicates", "2",
+            "--finetune-steps", "2", "--grid", "penalty=0.3,1.0", "--grid", "infection_rate=0.15,0.3"]
+    assert main(argv + (["--common-random-numbers"] if common else [])) == 0
+    from popgpt.runio import load_checkpoint
+
+    gen0 = load_checkpoint(run, 0)["population"]["params"]["wte"].view(4, 2, 4, -1)  # condition, replicate, member
+    info = json.load(open(os.path.join(run, "config.json")))
+    with open(os.path.join(run, "generations.csv")) as f:
+        rows = [r for r in csv.DictReader(f) if r["generation"] == "0"]
+    nll = {(int(r["condition"]), int(r["replicate"])): r["nll_mean"] for r in rows}
+    # conditions (penalty, infection): 0 (0.3, 15%), 1 (0.3, 30%), 2 (1.0, 15%), 3 (1.0, 30%); 0 and 2 differ
+    # only in the selection penalty, which generation 0's training never sees
+    same_training = nll[0, 0] == nll[2, 0] and nll[0, 1] == nll[2, 1]
+    if common:
+        assert info["config"]["evolution"]["common_random"] is True
+        assert all(torch.equal(gen0[c], gen0[0]) is (c in (0, 2)) for c in range(4))  # 15% vs 30% infection
+        assert same_training and len(set(info["member_seeds"])) == 8
+        assert not torch.equal(gen0[0, 0], gen0[0, 1])  # replicates stay independent
+    else:
+        assert not same_training and len(set(info["member_seeds"])) == 32

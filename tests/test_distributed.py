@@ -177,6 +177,7 @@ def test_a_shard_breeds_and_samples_the_rows_the_whole_would():
 # --- real ranks -----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_process(tmp_path, names):
     # a sweep of 3 conditions (children train 2, 3 or 4 steps) x 5 members: 15 members, 8 | 7, cut inside group 1
     argv = ["sweep", *args(names, "unused", "--pop-size", "5", "--grid", "finetune_steps=2,3,4")[1:]]
@@ -196,6 +197,7 @@ def test_two_ranks_equal_one_process(tmp_path, names):
     assert read_json(os.path.join(reference, "results.json"))["world_size"] == 1
 
 
+@pytest.mark.slow
 def test_a_dying_rank_stops_the_run_and_one_process_resumes_it(tmp_path, names, monkeypatch, capsys):
     argv = args(names, "unused", "--pop-size", "7", "--replicates", "2")  # 14 members: 7 | 7
     reference = one_process(tmp_path, argv)

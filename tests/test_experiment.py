@@ -132,6 +132,7 @@ def test_cli_end_to_end(tmp_path, small_names, capsys):
     assert "do not pass --pop-size" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_console_entry_point_runs(tmp_path, small_names):
     result = subprocess.run([sys.executable, "-m", "popgpt", "evolve", "--data", small_names,
                              "--out", str(tmp_path / "run"), *TINY_FLAGS, "--threads", "1"],

@@ -58,6 +58,7 @@ flag_values = st.dictionaries(st.sampled_from(sorted(FLAGS)), value, max_size=5)
 
 @SETTINGS
 @given(flags=flag_values)
+@pytest.mark.slow
 def test_random_flags_give_a_config_or_a_clean_error(small_names, flags):
     argv = ["evolve", "--data", small_names, "--device", "cpu", "--eval-docs", "20"]
     for flag, v in flags.items():
@@ -80,6 +81,7 @@ def test_random_flags_give_a_config_or_a_clean_error(small_names, flags):
        rest=st.lists(st.sampled_from(["--member", "--count", "--names", "--sigma", "--steps", "--every", "--seed",
                                       "0", "-3", "nan", "7", "1e400"]), max_size=6),
        what=st.sampled_from(["empty", "missing", "file"]))
+@pytest.mark.slow
 def test_random_tool_command_lines_never_trace_back_nor_write(tmp_path_factory, tool, rest, what):
     from popgpt.cli import main
 

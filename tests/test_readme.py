@@ -9,6 +9,7 @@ from conftest import NAMES, ROOT
 from popgpt.runio import load_checkpoint
 
 
+@pytest.mark.slow
 def test_readme_python_example_runs(tmp_path, monkeypatch):
     with open(os.path.join(ROOT, "README.md")) as f:
         blocks = re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
@@ -27,10 +28,10 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     assert namespace["results"]["final"]["fitness_all"] == pytest.approx(float(final["quality"].mean()), rel=1e-6)
 
 
-def test_readme_microscope_example_runs():
-    with open(os.path.join(ROOT, "README.md")) as f:
+def test_microscope_example_runs():
+    with open(os.path.join(ROOT, "docs", "lens.md")) as f:
         blocks = re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
     namespace = {}
-    exec(compile(blocks[1], "README.md", "exec"), namespace)
+    exec(compile(blocks[0], "docs/lens.md", "exec"), namespace)
     assert namespace["useful"].shape == (8, 2, 4) and namespace["effect"].shape == (8, 2, 4)
     assert namespace["effect"].abs().max() > 0

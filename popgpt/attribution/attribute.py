@@ -10,20 +10,13 @@ early checkpoints: once the backdoor is learned, its gradients vanish).
 The replay's end is compared with the run's saved generation 0 and the
 difference reported. The truth: which training names the run infected.
 
-Scores per (member, training name, query) come from ``influence.py``:
-TracIn over all checkpoints and over the last one alone, influence with the
-damped Gauss-Newton inverse at the end of training, the name's own loss,
-spectral signatures, activation clustering and random scores (a control).
-Queries: the payload's loss right after the trigger, and as a control the
-mean loss on clean held-out names. Scored by AUC and precision@k (k = the
-number of infected names) per member (mean and 95% t interval over
-members) and for the members' scores pooled (each member's scores
-standardised, then averaged: every member counts the same), and by the
-linear datamodeling score (LDS, as TRAK and dattri define it): ``lds_members``
-fresh members trained on random ``lds_frac`` subsets of the names in ONE
-batched run (per-member data tables), Spearman correlation across them
-between the pooled scores summed over each subset and the (negated) query
-loss the subset's member reached.
+Scores per (member, training name, query) come from ``influence.py`` (TracIn, Gauss-Newton
+influence, own loss, spectral signatures, clustering, random). Queries: the payload's loss right
+after the trigger; as a control, the mean loss on clean held-out names. Scored by AUC and
+precision@k per member and for the members' standardised scores pooled, and by the linear
+datamodeling score (LDS, as TRAK and dattri define it): ``lds_members`` fresh members trained on
+random ``lds_frac`` subsets in ONE batched run, Spearman correlation across them between the pooled
+scores summed over each subset and the (negated) query loss the subset's member reached.
 """
 
 import io

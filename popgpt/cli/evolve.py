@@ -90,8 +90,8 @@ SWEEP_EPILOG = """examples:
 """
 
 EPILOG = """examples:
-  popgpt evolve --preset quick                 # a few minutes on a laptop CPU
-  popgpt evolve --device cuda                  # the full source experiment
+  popgpt evolve --preset quick                 # 64 members, 10 generations: about a minute on 2 CPU cores
+  popgpt evolve --device cuda                  # the full source experiment (P=200, 20 generations)
   popgpt evolve --pop-size 8 --generations 2 --steps 5 --finetune-steps 5 --out runs/tiny
   popgpt evolve --resume runs/tiny             # continue an interrupted run
   torchrun --nproc-per-node 2 -m popgpt evolve --threads 1 --out runs/two   # members sharded over 2 ranks
@@ -114,6 +114,9 @@ def _run_flags(ev: argparse.ArgumentParser) -> None:
                     "clean, none (no fine-tuning), mixed (names infected at --finetune-infection)")
     ev.add_argument("--distinct-parents", action="store_true",
                     help="a child's two parents are always two different survivors (default: a pair may repeat)")
+    ev.add_argument("--common-random-numbers", action="store_true",
+                    help="sweeps: every condition uses the same member seeds, batches and infection draws per "
+                    "replicate, so differences between conditions are paired (default: independent conditions)")
     ev.add_argument("--no-test-retest", action="store_true",
                     help="skip the second, independent immunity test of every generation (test-retest agreement)")
     ev.add_argument("--out", help="run folder (default: runs/evolve__SEED__TIME)")
@@ -157,6 +160,8 @@ def config_from_args(args) -> RunConfig:
         sections["evolution"]["retest"] = False
     if args.distinct_parents:
         sections["evolution"]["distinct_parents"] = True
+    if args.common_random_numbers:
+        sections["evolution"]["common_random"] = True
     if getattr(args, "grid", None) is not None:
         top["conditions"] = parse_grid(args.grid)
     base = RunConfig()
@@ -241,6 +246,7 @@ def resume_config(args) -> RunConfig:
                                        ("--finetune-data", args.finetune_data),
                                        ("--no-test-retest", args.no_test_retest),
                                        ("--distinct-parents", args.distinct_parents),
+                                       ("--common-random-numbers", args.common_random_numbers),
                                        ("--grid", getattr(args, "grid", None))) if value]
     if given:
         raise ValueError(f"--resume continues with the saved config; do not pass {' '.join(given)}")

@@ -104,6 +104,10 @@ class EvolutionConfig:
     replicate_data: str = "own"  # "own": every replicate its infection draws and trigger lineage
     distinct_parents: bool = False  # may a child's two parents be the same survivor? (the source: silent)
     retest: bool = True  # a second, independent immunity test per generation (test-retest agreement)
+    # Common random numbers: every condition of a sweep uses replicate r's member seeds, batch draws
+    # and infection (and trigger mutation) draws, so differences between conditions are paired.
+    # Off by default: each condition is then an independent sample, as separate runs would be.
+    common_random: bool = False
 
     def __post_init__(self):
         check_finite(self)
@@ -235,7 +239,7 @@ def _type_ok(value, annotation) -> bool:
 
 
 # Fields added after 0.1; a config.json without them reads them at their defaults.
-ADDED_FIELDS = {("ModelConfig", "norm"), ("ModelConfig", "mlp")}
+ADDED_FIELDS = {("ModelConfig", "norm"), ("ModelConfig", "mlp"), ("EvolutionConfig", "common_random")}
 
 
 def from_dict(cls, d, where: str):

@@ -26,7 +26,7 @@ import torch
 from .._version import __version__
 from ..engine import Engine, default_engine
 from ..evaluate import EvalRows, sample_names
-from ..population import Population, default_seeds
+from ..population import Population
 from ..runio import (
     RunError,
     RunLock,
@@ -46,7 +46,7 @@ from ..runio import (
 from ..stats import summarize_replicates
 from .config import STREAMS, RunConfig, condition_label, stream_seed
 from .distributed import BACKENDS, Shard, bounds, rank_device
-from .generation import Context, EvolutionState, generation, init_state
+from .generation import Context, EvolutionState, generation, init_state, member_seeds
 from .layout import Layout
 from .memory import check_fits
 from .operators import Operators
@@ -124,7 +124,7 @@ def _write_config(run_dir: str, config: RunConfig, saved: dict, data_sha: str, e
     if not saved:
         write_json(cfg_path, {"config": config.to_dict(), "run_seed": config.seed,
                               "stream_seeds": {k: stream_seed(config.seed, k) for k in STREAMS},
-                              "member_seeds": default_seeds(config.n_members, config.seed),
+                              "member_seeds": member_seeds(config),
                               "data_sha256": data_sha, "environment": env, "world_size": world,
                               "operators": operators})
         return

@@ -150,19 +150,27 @@ def _infect(bank: torch.Tensor, ctx: Context, lineage: int, virus: Virus, genera
     return state
 
 
+def member_seeds(cfg) -> list[int]:
+    """Every member's init seed: ``default_seeds`` over the run, or with common random numbers over one
+    condition's members, repeated for every condition."""
+    n_conditions = cfg.n_conditions if cfg.evolution.common_random else 1
+    return default_seeds(cfg.n_members // n_conditions, cfg.seed) * n_conditions
+
+
 def init_state(ctx: Context) -> EvolutionState:
     """Fresh members (seeds ``default_seeds``), the first infection of every lineage, the generators."""
     cfg = ctx.config
     bank = _empty_bank(ctx)
     hosts, viruses, states = [], [], []
     for lineage in range(ctx.layout.n_lineages):
-        host = torch.Generator().manual_seed(stream_seed(cfg.seed, "host") if lineage == 0
-                                             else tool_seed(cfg.seed, "lineage", lineage, "host"))
+        drawn_as = lineage % ctx.layout.lineages_per_condition if cfg.evolution.common_random else lineage
+        host = torch.Generator().manual_seed(stream_seed(cfg.seed, "host") if drawn_as == 0
+                                             else tool_seed(cfg.seed, "lineage", drawn_as, "host"))
         virus = Virus(cfg.virus.trigger, cfg.virus.payload)
         states.append(_infect(bank, ctx, lineage, virus, host))
         hosts.append(host)
         viruses.append(virus)
-    seeds = default_seeds(cfg.n_members, cfg.seed)[ctx.shard.members]
+    seeds = member_seeds(cfg)[ctx.shard.members]
     pop = Population.from_seeds(cfg.model, seeds, device=ctx.device)
     dev = torch.Generator(ctx.device).manual_seed(stream_seed(cfg.seed, "device"))
     retest = torch.Generator(ctx.device).manual_seed(stream_seed(cfg.seed, "retest"))
@@ -197,7 +205,9 @@ def _train(pop: Population, state: EvolutionState, ctx: Context, finetune: bool,
     steps = layout.steps(finetune)
     table = per(layout.tables(finetune), torch.long)
     lengths = torch.full((layout.n_tables,), len(ctx.train_docs))
-    drawn = draw_rows(lengths, table, max(steps), ctx.config.train.batch_size, state.dev).to(device)  # (steps, all, B)
+    C = len(layout.conditions) if ctx.config.evolution.common_random else 1  # conditions sharing one draw
+    drawn = draw_rows(lengths, table[:len(table) // C], max(steps), ctx.config.train.batch_size, state.dev)
+    drawn = drawn.repeat(1, C, 1).to(device)  # (steps, all, B)
     active = None
     if len(set(steps)) > 1:  # members with fewer steps sit the rest out
         active = (torch.arange(max(steps), device=device)[:, None] < per(steps)[None, :])[:, rows]

@@ -73,6 +73,10 @@ class Layout:
     def n_lineages(self) -> int:
         return len(self.train_table)
 
+    @property
+    def lineages_per_condition(self) -> int:
+        return self.n_lineages // len(self.conditions)
+
     def condition_of_group(self, g: int) -> int:
         return g // self.replicates
 
