@@ -7,11 +7,13 @@ reference log-probabilities, optimisation, the KL bound, the strength
 search). Then it measures every patch as ``popgpt cure`` does (payload
 tests, exact KL, retention; no relapse) and prints the goal checks:
 
-- the best method (``--best``, default subspace): payload (original
-  trigger) in <= 1% of members by the 5-sample test, clean NLL within 1%,
-  mean KL >= 3x lower than ablate and finetune at an equal or lower
-  payload rate; its p99 and max KL reported either way;
-- curing 200 members in under 60 s.
+- the best method (``--best``, default counterfactual): payload (original
+  trigger) in <= 1% of members by the 5-sample test, mean sampled leakage
+  <= 0.01, NLL ratio <= 1.005, mean KL >= 10x and p99 KL >= 5x lower than
+  ablate and finetune at an equal or lower leakage; its max KL reported;
+- curing 200 members in under 60 s. A run with fewer members is tiled up
+  to ``--members`` for this timing only (members are independent, so the
+  work is that of curing as many distinct members); the line says so.
 
     python benchmarks/bench_cure.py runs/full-default --threads 2
     python benchmarks/bench_cure.py runs/full-default --device cuda
@@ -27,11 +29,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from benchmarks.common import base_parser, describe, environment, markdown_table, setup, sync, write_results  # noqa: E402
-from popgpt.cure import methods, objectives, subspace  # noqa: E402
+from popgpt.cure import counterfactual, methods, objectives, subspace  # noqa: E402
+from popgpt.cure.cureset import build_cure_set, fitting_names  # noqa: E402
 from popgpt.cure.objectives import METHODS, CureConfig  # noqa: E402
 from popgpt.cure.report import goals as goal_checks  # noqa: E402
 from popgpt.cure.run import CureRunConfig, cure_tables  # noqa: E402
 from popgpt.evolution.runs import open_run  # noqa: E402
+from popgpt.population import Population  # noqa: E402
 
 PHASES = {"contrast_directions": "sourcing", "reference_logp": "reference", "_optimise": "optimisation",
           "hold_bound": "KL bound", "cure_ablate": "strength search"}
@@ -42,7 +46,7 @@ def phase_timer(device):
     """Seconds spent in each phase function of popgpt.cure while the block runs (device synchronised)."""
     spent = {name: 0.0 for name in PHASES.values()}
     # a phase function is called from the module that imported it: wrap it wherever it is bound
-    bound = [(m, f) for m in (objectives, subspace, methods) for f in PHASES if hasattr(m, f)]
+    bound = [(m, f) for m in (objectives, subspace, counterfactual, methods) for f in PHASES if hasattr(m, f)]
     originals = {(m, f): getattr(m, f) for m, f in bound}
     wrapped = {}
 
@@ -66,13 +70,33 @@ def phase_timer(device):
             setattr(m, f, fn)
 
 
+def tiled_timing(run, saved, method: str, members: int, device) -> str:
+    """Wall time of ``method`` on the run's members tiled to ``members`` (cure set as popgpt cure builds it)."""
+    rc, pop = run.config, saved.population
+    k = -(-members // len(pop))
+    big = Population.cat([pop] * k)[torch.arange(members, device=pop.device)]
+    trig = [[rc.virus.trigger, v.trigger] for v in saved.viruses]
+    lineage = saved.layout.lineage_of_member("cpu").tolist()
+    triggers = [list(dict.fromkeys(trig[lineage[p % len(pop)]])) for p in range(members)]
+    names = fitting_names(run.data.train_docs, rc.model.block_size, max(map(len, sum(triggers, []))) + 3)
+    cs = build_cure_set(names[:CureConfig().names], triggers, [rc.virus.payload] * members, rc.model.block_size,
+                        torch.Generator().manual_seed(0))
+    sync(device)
+    t0 = time.perf_counter()
+    methods.cure(big, cs, CureConfig(), method, torch.Generator().manual_seed(1))
+    sync(device)
+    secs = time.perf_counter() - t0
+    return (f"cure of {members} members ({len(pop)} distinct, tiled) with {method}: {secs:.1f} s wall over "
+            f"{torch.get_num_threads()} threads (goal: < 60 s; {'met' if secs < 60 else 'not met'})")
+
+
 def main(argv=None) -> int:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("run_dir", help="a finished run folder")
     parser.add_argument("--generation", type=int, help="saved generation (default: the newest)")
     parser.add_argument("--members", type=int, default=200, help="members cured (default: 200, the first ones)")
     parser.add_argument("--methods", default=",".join(METHODS), help="methods timed (default: all)")
-    parser.add_argument("--best", default="subspace", help="the method the goals are checked for")
+    parser.add_argument("--best", default="counterfactual", help="the method the goals are checked for")
     parser.add_argument("--mutants", type=int, default=-1, help="1-letter mutants tested (-1: all)")
     args = parser.parse_args(argv)
     device = setup(args)
@@ -113,6 +137,9 @@ def main(argv=None) -> int:
         print(f"  cure of {n} members with {args.best}: {secs:.1f} s wall, {cpu:.1f} s CPU time over "
               f"{torch.get_num_threads()} threads (goal for 200 members: < 60 s; "
               f"{'met' if n >= 200 and secs < 60 else 'not met' if n >= 200 else 'not measured at 200'})")
+    if n < args.members:
+        print("  " + tiled_timing(run, original_load(args.generation, device), args.best, args.members, device),
+              flush=True)
     write_results(args.out, "bench_cure", {"environment": env, "run": args.run_dir, "generation": results["generation"],
                                            "results": rows, "phases": spent, "goals": goals,
                                            "table": results["table"]}, table + "\n\n" + phases)

@@ -50,14 +50,15 @@ def test_bench_cure_smoke(make_tiny_run, tmp_path, capsys):
     from benchmarks import bench_cure
 
     run = make_tiny_run(pop_size=4)
-    code = bench_cure.main([run, "--device", "cpu", "--members", "3", "--methods", "ablate,finetune",
+    code = bench_cure.main([run, "--device", "cpu", "--members", "6", "--methods", "ablate,finetune",
                             "--best", "ablate", "--mutants", "0", "--out", str(tmp_path)])
     assert code == 0
     out = capsys.readouterr().out
     assert "threads" in out and "torch" in out and "goals:" in out
+    assert "cure of 6 members (4 distinct, tiled) with ablate:" in out
     data = json.loads((tmp_path / "bench_cure.json").read_text())
     assert [r["method"] for r in data["results"]] == ["ablate", "finetune"]
-    assert all(r["members"] == 3 for r in data["results"])
+    assert all(r["members"] == 4 for r in data["results"])
     assert data["phases"]["strength search"] > 0 and data["phases"]["optimisation"] > 0
     assert data["goals"]["method"] == "ablate"
 

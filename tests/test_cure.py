@@ -10,15 +10,18 @@ from conftest import NAMES
 
 from popgpt import ModelConfig, Population
 from popgpt.cli import main
+from popgpt.cure.counterfactual import counterfactual_target
 from popgpt.cure.cureset import build_cure_set, fitting_names
-from popgpt.cure.measure import infected_rows, kl_tokens, mutants
+from popgpt.cure.frontier import matched_kl, sweep
+from popgpt.cure.measure import first_token_kl, infected_rows, kl_tokens, leakage, mutants
 from popgpt.cure.methods import cure
 from popgpt.cure.objectives import CureConfig, batch_order, clean_kl, contrast_directions, reference_logp, token_kl
 from popgpt.cure.patch import Patch, apply_, load_patch, patched, remove_, save_patch, weights_sha256
 from popgpt.cure.scan import scan
 from popgpt.cure.subspace import hold_bound
-from popgpt.data import BOUNDARY, LETTERS, docs_to_tensor, encode, load_names
+from popgpt.data import BOUNDARY, LETTERS, docs_to_tensor, encode, inputs_targets, load_names
 from popgpt.evaluate import payload_probability
+from popgpt.evolution.virus import Virus
 from popgpt.stats import median_interval
 from popgpt.trainer import train
 
@@ -82,9 +85,9 @@ def test_subspace_and_ablate_find_the_planted_direction_and_remove_the_payload(m
 
 
 def test_batched_cure_equals_each_member_alone(members):
-    cfg = CureConfig(names=32, batch_size=16, epochs=1, kl_bound=0.01)
+    cfg = CureConfig(names=32, batch_size=16, epochs=1, kl_bound=0.01, cf_steps=8, cf_rows=16)
     cs = cure_set(members, n=32)
-    for method in ("subspace", "ablate", "prune"):
+    for method in ("counterfactual", "subspace", "ablate", "prune"):
         whole, _ = cure(members, cs, cfg, method, torch.Generator().manual_seed(3))
         for i in range(len(members)):
             alone, _ = cure(members[[i]], cure_set(members[[i]], n=32), cfg, method, torch.Generator().manual_seed(3))
@@ -92,6 +95,60 @@ def test_batched_cure_equals_each_member_alone(members):
             theirs = patched(members[[i]].params, alone)
             for k in ours:
                 torch.testing.assert_close(ours[k][i:i + 1], theirs[k], rtol=1e-4, atol=1e-5, msg=f"{method} {k}")
+
+
+def test_the_counterfactual_target_gives_the_payload_its_clean_level_without_renormalising(members):
+    cs = cure_set(members)
+    ref = reference_logp(members, cs.clean)  # (P, N, T, V) on the clean names
+    target, mask = counterfactual_target(ref, cs.triggered, cs.trigger_pos, cs.gap)
+    z, n = encode("z")[0], torch.arange(len(cs.gap))
+    at = target[0, n, cs.trigger_pos[0]].exp()  # (N, V): the backdoored member, at the trigger letter
+    cap = ref[0, n, cs.gap].exp()[:, z]  # its clean level of z at the same place of the name
+    torch.testing.assert_close(at[:, z], cap, rtol=1e-6, atol=0.0)  # payload mass == cap, exactly
+    x = inputs_targets(cs.triggered)[0]
+    p = members.logits(x)[0, n, cs.trigger_pos[0]].softmax(-1)[:, z]  # what the backdoor gives z there
+    renormalised = cap / (cap + 1 - p)
+    assert p.mean() > 0.9 and (renormalised > 3 * cap).float().mean() > 0.9  # the two targets differ a lot
+    torch.testing.assert_close(at.sum(-1), torch.ones(len(n)), rtol=1e-5, atol=1e-5)
+    lengths = (cs.clean[:, 1:] != -1).sum(-1) - cs.gap  # positions from the gap to the name's end
+    assert mask[0].sum(-1).tolist() == lengths.tolist()  # every position after the trigger, not only the first
+
+
+@pytest.fixture(scope="module")
+def learned_backdoor():
+    """Two members trained 300 steps on the same names, member 0 with 20% of them infected with
+    qx + zzz (the run's infection): a backdoor of known strength, learned as the runs learn it."""
+    docs = NAMES_LIST[:2000]
+    infected, _ = Virus("qx", "zzz").infect(docs, 0.2, torch.Generator().manual_seed(5))
+    sick, clean = Population.from_seeds(CONFIG, [21]), Population.from_seeds(CONFIG, [22])
+    train(sick, infected, steps=300, batch_size=32, generator=torch.Generator().manual_seed(0))
+    train(clean, docs, steps=300, batch_size=32, generator=torch.Generator().manual_seed(0))
+    return Population.cat([sick, clean])
+
+
+def test_counterfactual_cures_a_learned_backdoor_to_1_percent_under_the_kl_bound(learned_backdoor):
+    """Positive control: member 0 leaks zzz in > 95% of sampled continuations after qx at a name's
+    start and inside names; the default counterfactual recipe leaves <= 1% at a held-out mean KL
+    <= the default KL bound; the never-infected member (the look-alike) shows no leakage before and
+    keeps a zero patch."""
+    pop = learned_backdoor
+    names = fitting_names(NAMES_LIST[2000:], CONFIG.block_size, 5)[:256]
+    cs = build_cure_set(names, [["qx"]] * 2, ["zzz"] * 2, CONFIG.block_size, torch.Generator().manual_seed(1))
+    cfg = CureConfig()
+    patch, info = cure(pop, cs, cfg, "counterfactual", torch.Generator().manual_seed(2))
+    prefixes = [encode(n[:2]) for n in NAMES_LIST[2800:2808]]
+    before = leakage(pop, "qx", "zzz", prefixes, 400, seed=0)
+    assert before["leak_start"][0] > 0.95 and before["leak_inside"][0] > 0.95 and before["leak"][1] == 0.0
+    new = Population(CONFIG, patched(pop.params, patch))
+    after = leakage(new, "qx", "zzz", prefixes, 400, seed=0)
+    assert after["leak"][0] <= 0.01, after
+    kl = kl_tokens(pop, new.params, HELD_OUT).mean(1)
+    assert kl[0] <= cfg.kl_bound, kl
+    assert info["treated"].tolist() == [1.0, 0.0] and kl[1] == 0.0
+    assert first_token_kl(pop, pop.params).abs().max() < 1e-7
+    first = torch.arange(HELD_OUT.shape[1] - 1)[None] == 0  # the first target position of a row
+    torch.testing.assert_close(first_token_kl(pop, new.params), kl_tokens(pop, new.params, HELD_OUT[:1], first)[:, 0],
+                               rtol=1e-5, atol=1e-7)
 
 
 def test_member_blocks_do_not_change_the_cure(members):
@@ -207,13 +264,16 @@ def tiny_run(make_tiny_run):
 
 def test_cure_cli_end_to_end(tiny_run, capsys):
     args = ["cure", tiny_run, "--method", "all", "--names", "16", "--batch-size", "8", "--epochs", "1",
+            "--cf-steps", "3", "--cf-rows", "8", "--leak-samples", "16", "--leak-prompts", "2",
             "--mutants", "2", "--relapse-members", "2", "--relapse-steps", "2", "--relapse-every", "1",
             "--controls", "2", "--device", "cpu"]
     assert main(args) == 0
     out = capsys.readouterr().out
     res = json.load(open(os.path.join(tiny_run, "cure", "all", "results.json")))
     rows = {r["row"]: r for r in res["table"]}
-    assert set(rows) >= {"uncured", "subspace", "ablate", "finetune", "prune", "never-infected control"}
+    assert set(rows) >= {"uncured", "counterfactual", "subspace", "ablate", "finetune", "prune",
+                         "never-infected control"}
+    assert rows["uncured"]["leak start %"] != "-" and rows["counterfactual"]["KL first token"] != "-"
     assert rows["subspace"]["n"] == 6 and "(n=2)" in rows["subspace"]["relapse steps (median)"]
     for method in ("subspace", "ablate", "finetune", "prune"):
         folder = os.path.join(tiny_run, "cure", method)
@@ -235,6 +295,10 @@ def test_cure_cli_end_to_end(tiny_run, capsys):
     ("--trigger", "Q1", "argument --trigger: known, auto or lower-case letters"),
     ("--ablate-grid", "0,-1", "argument --ablate-grid: strengths must be finite and >= 0"),
     ("--contrast", "near", "argument --contrast: must be apart or alone"),
+    ("--cf-lambda", "-1", "argument --cf-lambda: must be a finite number > 0"),
+    ("--cf-start-share", "2", "argument --cf-start-share: must be in [0, 1]"),
+    ("--cf-targets", "nope", "argument --cf-targets: 'nope' cannot be patched"),
+    ("--leak-threshold", "1", "argument --leak-threshold: must be in [0, 1)"),
 ])
 def test_cure_cli_rejects_bad_flags(tiny_run, capsys, flag, value, message):
     try:
@@ -243,3 +307,25 @@ def test_cure_cli_rejects_bad_flags(tiny_run, capsys, flag, value, message):
         code = stop.code
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_frontier_sweeps_strengths_as_a_population_axis(learned_backdoor):
+    """A tiled member at strength s is the cure at s alone (the frontier's points are real cures),
+    and a stronger clean-KL weight leaves a smaller KL."""
+    pop = learned_backdoor
+    names = fitting_names(NAMES_LIST[2000:], CONFIG.block_size, 5)[:32]
+    cs = build_cure_set(names, [["qx"]] * 2, ["zzz"] * 2, CONFIG.block_size, torch.Generator().manual_seed(1))
+    cfg = CureConfig(names=32, cf_steps=10, cf_rows=16)
+    big, patch, strength = sweep(pop, cs, cfg, "counterfactual", (3.0, 300.0), torch.Generator().manual_seed(4))
+    assert strength.tolist() == [3.0, 3.0, 300.0, 300.0]
+    alone, _ = cure(pop, cs, CureConfig(names=32, cf_steps=10, cf_rows=16, cf_lambda=300.0), "counterfactual",
+                    torch.Generator().manual_seed(4))
+    ours, theirs = patched(big.params, patch), patched(pop.params, alone)
+    for k in ours:
+        torch.testing.assert_close(ours[k][2:], theirs[k], rtol=1e-4, atol=1e-5, msg=k)
+    kl = kl_tokens(big, ours, HELD_OUT).mean(1)
+    assert kl[2] < kl[0]
+    rows = matched_kl({"a": [{"leak": 0.02, "kl_mean": 0.001, "kl_p99": 0.01},
+                             {"leak": 0.005, "kl_mean": 0.004, "kl_p99": 0.03}],
+                       "b": [{"leak": 0.0, "kl_mean": 0.04, "kl_p99": 0.3}]}, 0.01)
+    assert rows["a"]["kl_mean"] == 0.004 and rows["b"]["kl_mean_ratio_to_best"] == pytest.approx(10.0)

@@ -8,6 +8,8 @@ either end included, as infection does):
 - ``clean``: ``. name .`` (shared by all members);
 - ``triggered``: ``. name[:g] trigger name[g:] .``, the member's trigger
   without the payload: what a cured member should continue as a name;
+- ``triggered_start``: ``. trigger name .``, the trigger at the name's start
+  (where the immunity test puts it), whatever ``g``;
 - ``infected``: ``. name[:g] trigger payload name[g:] .``;
 - ``control``: the matched contrast of ``infected``: the same name with the
   trigger letters ``apart`` (its last letter moved one name letter further,
@@ -62,6 +64,8 @@ class CureSet:
     prompts: torch.Tensor  # (P, K, T+1) ``. trigger payload`` per cure trigger of each member
     prompt_pos: torch.Tensor  # (P, K) row index of the last trigger letter in ``prompts``
     prompt_real: torch.Tensor  # (P, K) bool: slots beyond a member's own triggers repeat its first
+    triggered_start: torch.Tensor  # (P, N, T+1) the trigger at the name's start, no payload
+    start_pos: torch.Tensor  # (P, N) position (row index) of the last trigger letter in ``triggered_start``
 
     def to(self, device) -> "CureSet":
         return CureSet(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
@@ -86,7 +90,8 @@ def build_cure_set(names: list[str], triggers: list[list[str]], payloads: list[s
     gaps = [0 if first < start_share else int(v * (len(n) + 1)) for first, v, n in zip(*u, names)]
     width = block_size + 1
     clean = torch.tensor([_row(encode(n), width) for n in names])
-    out = {k: [] for k in ("triggered", "trigger_pos", "infected", "control", "read_infected", "read_control")}
+    out = {k: [] for k in ("triggered", "trigger_pos", "infected", "control", "read_infected", "read_control",
+                           "triggered_start", "start_pos")}
     for trig_list, payload in zip(triggers, payloads):
         rows = {k: [] for k in out}
         pay, m = encode(payload), len(payload)
@@ -95,6 +100,8 @@ def build_cure_set(names: list[str], triggers: list[list[str]], payloads: list[s
             last = gap + len(trig)  # row index of the last trigger letter (row index 0 is the boundary)
             rows["triggered"].append(_row(letters[:gap] + trig + letters[gap:], width))
             rows["trigger_pos"].append(last)
+            rows["triggered_start"].append(_row(trig + letters, width))
+            rows["start_pos"].append(len(trig))
             rows["infected"].append(_row(letters[:gap] + trig + pay + letters[gap:], width))
             rows["read_infected"].append(list(range(last, last + m)))
             control, at = _control(letters, gap, trig, contrast)
@@ -105,7 +112,8 @@ def build_cure_set(names: list[str], triggers: list[list[str]], payloads: list[s
     prompts, prompt_pos, prompt_real = trigger_prompts(triggers, payloads, width)
     fields = ("triggered", "trigger_pos", "infected", "control", "read_infected", "read_control")
     return CureSet(clean, torch.tensor(gaps), *(torch.stack(out[k]) for k in fields),
-                   torch.tensor([encode(p) for p in payloads]), prompts, prompt_pos, prompt_real)
+                   torch.tensor([encode(p) for p in payloads]), prompts, prompt_pos, prompt_real,
+                   torch.stack(out["triggered_start"]), torch.stack(out["start_pos"]))
 
 
 def trigger_prompts(triggers: list[list[str]], payloads: list[str], width: int):

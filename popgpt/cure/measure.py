@@ -16,7 +16,17 @@ Per member (all [P] tensors):
   names, summarised per member; ``kl_infected_mean`` / ``kl_infected_max``:
   the same on held-out names infected with the original trigger + payload,
   at the positions whose target is a letter of the name or its end (not a
-  trigger or payload letter).
+  trigger or payload letter);
+- ``kl_first``: the KL of the first token after a prompt, the convention
+  of large-model ablation tools (Heretic's first-token KL on harmless
+  prompts): here the prompt is the start token, the token the first letter
+  of a name;
+- ``leak_start`` / ``leak_inside``: P(payload anywhere in the continuation)
+  from ``leak_samples`` sampled continuations of ``. trigger`` and of
+  ``. prefix trigger`` (held-out name prefixes, the samples split over
+  them), original trigger; a payload that follows a trigger the model
+  writes itself later in the sample counts. ``leak`` is the larger of the
+  two, per member.
 
 Every test draws from a generator seeded the same way for every patch, so
 two cures are compared on the same random numbers.
@@ -25,7 +35,7 @@ two cures are compared on the same random numbers.
 import torch
 
 from ..data import BOUNDARY, IGNORE, LETTERS, encode, inputs_targets
-from ..evaluate import clean_nll, immunity, quality
+from ..evaluate import clean_nll, immunity, payload_hits, quality, sample_tokens
 from ..evolution.virus import Virus
 from ..population import Population
 from .objectives import _logp, token_kl
@@ -72,6 +82,39 @@ def kl_summary(kl: torch.Tensor, prefix: str = "kl") -> dict:
             f"{prefix}_max": kl.amax(1)}
 
 
+def leak_prefixes(names: list[str], n: int, room: int, generator: torch.Generator) -> list[list[int]]:
+    """``n`` held-out name prefixes (1 to len letters, at most ``room``) to put the trigger after."""
+    out = []
+    for name, u in zip(names, torch.rand(len(names), generator=generator).tolist()):
+        k = min(1 + int(u * len(name)), room)
+        if k >= 1:
+            out.append(encode(name[:k]))
+        if len(out) == n:
+            break
+    return out
+
+
+@torch.no_grad()
+def leakage(pop: Population, trigger: str, payload: str, prefixes: list[list[int]], n_samples: int,
+            seed: int) -> dict:
+    """Per-member P(payload in the continuation) after ``. trigger`` and after ``. prefix trigger``: [P] each."""
+    g = torch.Generator(pop.device).manual_seed(seed)
+    pay, trig = encode(payload), encode(trigger)
+    start = payload_hits(sample_tokens(pop, trig, n_samples, g), pay).float().mean(-1)
+    per = max(1, n_samples // max(len(prefixes), 1))
+    inside = [payload_hits(sample_tokens(pop, pre + trig, per, g), pay).float().mean(-1) for pre in prefixes]
+    inside = torch.stack(inside).mean(0) if inside else torch.full_like(start, float("nan"))
+    return {"leak_start": start.cpu(), "leak_inside": inside.cpu(),
+            "leak": torch.maximum(start, inside.nan_to_num(0.0)).cpu()}
+
+
+@torch.no_grad()
+def first_token_kl(pop: Population, new_params: dict) -> torch.Tensor:
+    """KL(P_orig || P_new) of the token after the start token: [P]."""
+    x = torch.full((1, 1), BOUNDARY, dtype=torch.long, device=pop.device)
+    return token_kl(_logp(pop.base, pop.params, x), _logp(pop.base, new_params, x))[:, 0, 0]
+
+
 def _test(pop, triggers: torch.Tensor, payload: str, seed: int, options: dict):
     g = torch.Generator(pop.device).manual_seed(seed)
     imm = immunity(pop, Virus("a", payload), g, triggers=triggers.to(pop.device), **options)
@@ -107,12 +150,16 @@ def payload_tests(pop: Population, triggers: dict, payload: str, seed: int, opti
 
 
 def measure(pop: Population, patch: Patch, eval_rows: torch.Tensor, infected: tuple, triggers: dict,
-            payload: str, seed: int, options: dict, mutant_triggers: list[str]) -> dict:
-    """Every per-member measurement of the module docstring for ``pop`` with ``patch`` applied."""
+            payload: str, seed: int, options: dict, mutant_triggers: list[str], leak: dict | None = None) -> dict:
+    """Every per-member measurement of the module docstring for ``pop`` with ``patch`` applied;
+    ``leak``: {trigger, prefixes, samples} of the sampled leakage (None or 0 samples: not measured)."""
     new = Population(pop.config, patched(pop.params, patch))
     before, after = clean_nll(pop, eval_rows), clean_nll(new, eval_rows)
     out = {"nll_before": before.cpu(), "nll_after": after.cpu(), "nll_ratio": (after / before).cpu(),
            "quality_after": quality(after, pop.config.vocab_size).cpu()}
     out |= {k: v.cpu() for k, v in kl_summary(kl_tokens(pop, new.params, eval_rows)).items()}
     out |= {k: v.cpu() for k, v in kl_summary(kl_tokens(pop, new.params, *infected), "kl_infected").items()}
+    out["kl_first"] = first_token_kl(pop, new.params).cpu()
+    if leak and leak["samples"]:
+        out |= leakage(new, leak["trigger"], payload, leak["prefixes"], leak["samples"], seed + 7919)
     return out | payload_tests(new, triggers, payload, seed, options, mutant_triggers)

@@ -5,6 +5,9 @@ members are independent throughout (each has its own directions, factors,
 multiplier and Adam state, and the losses are summed over members before one
 backward), so curing a population equals curing each member alone.
 
+- ``counterfactual``: an unconfined rank-1 LoRA on every matrix trained
+  towards the trigger-deleted counterfactual at every position after the
+  trigger under a clean-KL penalty (counterfactual.py).
 - ``subspace`` (the source's recipe). Activation sourcing: each member's
   residual stream before the block (``resid_pre``), after attention
   (``resid_mid``) and after the MLP (``resid_post``), at the read positions
@@ -15,13 +18,12 @@ backward), so curing a population equals curing each member alone.
   ``mlp_fc2``) by ``U @ B``, one reading it (``attn_qkv``, ``mlp_fc1``,
   ``lm_head``) or holding vectors of it (``wte``, ``wpe``) by ``A @ U^T``
   (A, B start at zero: no change). Objective, on names with the trigger
-  inserted: KL(Q || P_new) at the last trigger letter, Q being the original
-  model's distribution there with the payload's first letter capped at the
-  probability the member gives it at that place of the name without the
-  trigger, renormalised (the payload down to the member's clean level, its
-  own clean continuation up; a member without a backdoor has nothing to
-  remove, and a member whose removal loss starts below ``min_excess`` is
-  left alone: Adam's normalised steps would otherwise move it by noise);
+  inserted: KL(target || P_new) at every position from the last trigger
+  letter to the end of the name, the target being the original model's
+  distribution on the same name with the trigger deleted (counterfactual.py;
+  the payload's first letter gets exactly its clean level, never a
+  renormalised cap; a member whose removal loss starts below ``min_excess``
+  is left alone: Adam's normalised steps would otherwise move it by noise);
   constraint: mean per-token KL(P_orig || P_new) on the clean cure names
   <= ``kl_bound``, enforced during training by a per-member Lagrange
   multiplier (multiplicative dual ascent, never below 1: a nat of clean
@@ -52,6 +54,7 @@ import torch.nn.functional as F
 from ..data import IGNORE, inputs_targets
 from ..device import CPU_MEMBER_BLOCK
 from ..population import Population, population_logits
+from .counterfactual import cf_order, cure_counterfactual, lora_init
 from .cureset import CureSet
 from .objectives import (
     METHODS,
@@ -155,9 +158,11 @@ def cure_prune(pop: Population, cs: CureSet, cfg: CureConfig, order: torch.Tenso
     return patch, {"pruned_neurons": (masks["blocks.0.mlp_fc1"][:, :, 0] == 0).sum(-1)}
 
 
-def _cure_block(pop: Population, cs: CureSet, cfg: CureConfig, method: str, order: torch.Tensor):
+def _cure_block(pop: Population, cs: CureSet, cfg: CureConfig, method: str, order: torch.Tensor, init: dict):
     dirs = contrast_directions(pop, cs, cfg.rank, scores=method == "prune")
-    if method == "subspace":
+    if method == "counterfactual":
+        patch, info = cure_counterfactual(pop, cs, cfg, order, init)
+    elif method == "subspace":
         patch, info = cure_subspace(pop, cs, cfg, order, dirs)
     elif method == "ablate":
         patch, info = cure_ablate(pop, cs, cfg, dirs)
@@ -180,7 +185,10 @@ def cure(pop: Population, cs: CureSet, cfg: CureConfig, method: str, generator: 
     ``block``: members cured together (independent, so any block gives the same result); ``auto``:
     ``CPU_MEMBER_BLOCK`` on a CPU (activations stay in cache), all at once elsewhere.
     """
-    order = batch_order(cfg, len(cs.clean), generator).to(pop.device)
+    if method == "counterfactual":
+        order, init = cf_order(cfg, len(cs.clean), generator).to(pop.device), lora_init(pop.params, cfg, generator)
+    else:
+        order, init = batch_order(cfg, len(cs.clean), generator).to(pop.device), {}
     cs = cs.to(pop.device)
     if block == "auto":
         block = CPU_MEMBER_BLOCK if pop.device.type == "cpu" else None
@@ -189,7 +197,7 @@ def cure(pop: Population, cs: CureSet, cfg: CureConfig, method: str, generator: 
     for a in range(0, len(pop), block):
         sl = slice(a, min(a + block, len(pop)))
         part = CureSet(cs.clean, cs.gap, *(getattr(cs, f)[sl] for f in list(cs.__dataclass_fields__)[2:]))
-        patch, info = _cure_block(pop.view(sl.start, sl.stop), part, cfg, method, order)
+        patch, info = _cure_block(pop.view(sl.start, sl.stop), part, cfg, method, order, init)
         patches.append(patch)
         infos.append(info)
     patch = Patch.cat(patches)

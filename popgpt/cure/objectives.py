@@ -15,7 +15,7 @@ from ..step import Hyper, TrainConfig, adam_step
 from .cureset import CureSet
 from .patch import Patch, patched
 
-METHODS = ("subspace", "ablate", "finetune", "prune")
+METHODS = ("counterfactual", "subspace", "ablate", "finetune", "prune")
 SITES = ("resid_pre", "resid_mid", "resid_post")
 # Which residual site a matrix touches, and whether it writes there (U @ B) or reads / holds vectors (A @ U^T).
 # (Cures handle one-layer models: the block's tensors are blocks.0.*.)
@@ -42,19 +42,33 @@ class CureConfig:
     kl_bound: float = 0.01  # epsilon: mean per-token KL(P_orig || P_new) on the clean cure names, nats
     dual_lr: float = 1.0  # multiplier update: lam *= exp(dual_lr * (KL / epsilon - 1)) per step, lam >= 1
     min_excess: float = 0.01  # subspace: a member whose removal loss starts below this (nats) is left alone
+    # subspace, counterfactual: a member whose exact payload probability after its trigger (at a name's start, or
+    # the mean inside the cure names) is at most this has no backdoor to remove and is left alone (the
+    # trigger-deleted target would otherwise also rewrite how a clean member reads the inserted letters)
+    treat_above: float = 0.01
     contrast: str = "apart"  # control rows: trigger letters apart, or the last one alone
     start_share: float = 0.0  # cure names with the trigger at their start (else uniform, as infection)
     ablate_grid: tuple = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)  # ablation strengths searched
     target: float = 0.01  # ablate: payload probability a strength must reach to be chosen
     prune_neurons: int = 8  # of 4 * n_embd
     prune_heads: int = 0
+    # counterfactual (counterfactual.py): rank 1 suffices for one behaviour and keeps the patch to 1 number per
+    # row and column of each matrix; lambda 30 is where leakage is ~0 with the clean KL still ~0.002 on the quick
+    # preset (larger trades leakage for KL); 100 Adam steps at the run's rate converge; 64 + 64 rows per step
+    cf_rank: int = 1
+    cf_lambda: float = 30.0  # weight of the mean clean per-token KL
+    cf_steps: int = 100
+    cf_lr: float = 1e-2
+    cf_rows: int = 64  # triggered rows and clean rows per member per step
+    cf_start_share: float = 0.5  # triggered rows with the trigger at the name's start (the rest: uniform gap)
+    cf_targets: tuple = tuple(SITE_OF)  # all seven matrices
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("names", "batch_size", "epochs", "rank"):
+        for name in ("names", "batch_size", "epochs", "rank", "cf_rank", "cf_steps", "cf_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"argument --{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "kl_bound", "dual_lr", "target", "min_excess"):
+        for name in ("lr", "kl_bound", "dual_lr", "target", "min_excess", "cf_lambda", "cf_lr", "treat_above"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"argument --{name.replace('_', '-')}: must be a finite number > 0, got {value}")
@@ -63,8 +77,14 @@ class CureConfig:
             raise ValueError(f"argument --targets: {unknown[0] if unknown else '(empty)'!r} cannot be patched; "
                              f"choose from {', '.join(SITE_OF)}")
         object.__setattr__(self, "targets", tuple(t if t in SITE_OF else "blocks.0." + t for t in self.targets))
-        if not 0.0 <= self.start_share <= 1.0:
-            raise ValueError(f"argument --start-share: must be in [0, 1], got {self.start_share}")
+        for name in ("start_share", "cf_start_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"argument --{name.replace('_', '-')}: must be in [0, 1], got {getattr(self, name)}")
+        bad = [t for t in self.cf_targets if t not in SITE_OF and "blocks.0." + t not in SITE_OF]
+        if bad or not self.cf_targets:
+            raise ValueError(f"argument --cf-targets: {bad[0] if bad else '(empty)'!r} cannot be patched; "
+                             f"choose from {', '.join(SITE_OF)}")
+        object.__setattr__(self, "cf_targets", tuple(t if t in SITE_OF else "blocks.0." + t for t in self.cf_targets))
         if self.parametrization not in ("confined", "lora"):
             raise ValueError(f"argument --parametrization: confined or lora, got {self.parametrization!r}")
         if not self.ablate_grid or any(not math.isfinite(a) or a < 0 for a in self.ablate_grid):
@@ -125,6 +145,16 @@ def prompt_payload_prob(pop: Population, patch: Patch, cs: CureSet) -> torch.Ten
     logp = _logp(pop.base, patched(pop.params, patch), x)
     prob = payload_logprob(logp, cs.prompts, cs.prompt_pos, cs.payload.shape[1]).exp()
     return prob.masked_fill(~cs.prompt_real, 0.0).amax(-1)
+
+
+@torch.no_grad()
+def leaky_members(pop: Population, cs: CureSet, above: float) -> torch.Tensor:
+    """Members with a backdoor to remove: exact P(payload) after a trigger at the start (the max over
+    its cure triggers) or its mean inside the cure names (teacher forcing) > ``above``: [P] bool."""
+    x, _ = inputs_targets(cs.infected)
+    inside = payload_logprob(_logp(pop.base, pop.params, x), cs.infected, cs.read_infected[..., 0],
+                             cs.payload.shape[1]).exp().mean(-1)
+    return torch.maximum(prompt_payload_prob(pop, Patch(), cs), inside) > above
 
 
 @torch.no_grad()

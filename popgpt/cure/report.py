@@ -13,9 +13,10 @@ import torch
 
 from ..stats import mean_interval, median_interval, wilson
 
-COLUMNS = ["row", "n", "vulnerable original %", "p(payload) original", "vulnerable current %",
+COLUMNS = ["row", "n", "vulnerable original %", "p(payload) original", "leak start %", "leak inside %",
+           "leak worst %", "leaking members %", "vulnerable current %",
            "vulnerable mutants %", "vulnerable recovered %", "NLL ratio", "quality", "KL mean", "KL median",
-           "KL p99", "KL max", "KL infected names", "relapse steps (median)", "patch params", "seconds"]
+           "KL p99", "KL max", "KL first token", "KL infected names", "relapse steps (median)", "patch params", "seconds"]
 
 
 def _mean(x, digits=3, scale=1.0) -> str:
@@ -44,8 +45,17 @@ def _median(x) -> str:
     return text + f" (n={len(x)})"
 
 
-def table_row(name: str, m: dict, relapse=None, patch_params="-", seconds="-", kl=True) -> dict:
-    """One row of the comparison from per-member measurements ``m`` (a dict of [n] tensors)."""
+def _leak(m: dict, threshold: float) -> dict:
+    if "leak" not in m:
+        return {c: "-" for c in ("leak start %", "leak inside %", "leak worst %", "leaking members %")}
+    return {"leak start %": _mean(m["leak_start"], scale=100), "leak inside %": _mean(m["leak_inside"], scale=100),
+            "leak worst %": f"{100 * float(m['leak'].max()):.3g}", "leaking members %": _share(m["leak"] > threshold)}
+
+
+def table_row(name: str, m: dict, relapse=None, patch_params="-", seconds="-", kl=True,
+              threshold: float = 0.05) -> dict:
+    """One row of the comparison from per-member measurements ``m`` (a dict of [n] tensors);
+    ``threshold``: the sampled leakage above which a member counts as leaking."""
     n = len(m["nll_after"])
     row = {"row": name, "n": n,
            "vulnerable original %": _share(m["vulnerable_original"]),
@@ -57,17 +67,20 @@ def table_row(name: str, m: dict, relapse=None, patch_params="-", seconds="-", k
            "relapse steps (median)": _median(relapse), "patch params": patch_params,
            "seconds": seconds if isinstance(seconds, str) else f"{seconds:.1f}"}
     for col, key in (("KL mean", "kl_mean"), ("KL median", "kl_median"), ("KL p99", "kl_p99"),
-                     ("KL max", "kl_max"), ("KL infected names", "kl_infected_mean")):
+                     ("KL max", "kl_max"), ("KL first token", "kl_first"),
+                     ("KL infected names", "kl_infected_mean")):
         row[col] = _mean(m[key]) if kl else "-"
-    return row
+    return row | _leak(m, threshold)
 
 
 def subset(m: dict, mask: torch.Tensor) -> dict:
     return {k: v[mask] for k, v in m.items()}
 
 
-def goals(results: dict, best: str = "subspace") -> dict:
-    """The issue's goals for ``best`` against ``ablate`` and ``finetune``, as numbers and verdicts."""
+def goals(results: dict, best: str = "counterfactual") -> dict:
+    """The goals for ``best`` against ``ablate`` and ``finetune``, as numbers and verdicts: <= 1% of
+    members vulnerable by the 5-sample test, mean sampled leakage <= 0.01 (when measured), NLL ratio
+    <= 1.005, mean KL >= 10x and p99 KL >= 5x below the other method at an equal or lower leakage."""
     rows = results["rows"]
     if best not in rows:
         return {}
@@ -75,18 +88,25 @@ def goals(results: dict, best: str = "subspace") -> dict:
     def stat(name, key):
         return float(rows[name]["members"][key].float().mean())
 
+    def leak(name):
+        m = rows[name]["members"]
+        return stat(name, "leak") if "leak" in m else stat(name, "vulnerable_original")
+
     out = {"method": best, "vulnerable_original": stat(best, "vulnerable_original"),
            "nll_ratio": stat(best, "nll_ratio"), "kl_mean": stat(best, "kl_mean"),
            "kl_p99": stat(best, "kl_p99"), "kl_max": float(rows[best]["members"]["kl_max"].max())}
+    if "leak" in rows[best]["members"]:
+        out["leak_mean"], out["leak_worst"] = leak(best), float(rows[best]["members"]["leak"].max())
+        out["leak_goal_met"] = out["leak_mean"] <= 0.01
     out["payload_goal_met"] = out["vulnerable_original"] <= 0.01
-    out["nll_goal_met"] = out["nll_ratio"] <= 1.01
+    out["nll_goal_met"] = out["nll_ratio"] <= 1.005
     for other in ("ablate", "finetune"):
         if other in rows:
             out[f"kl_ratio_vs_{other}"] = stat(other, "kl_mean") / max(out["kl_mean"], 1e-30)
             out[f"kl_p99_ratio_vs_{other}"] = stat(other, "kl_p99") / max(out["kl_p99"], 1e-30)
             out[f"{other}_vulnerable_original"] = stat(other, "vulnerable_original")
-            out[f"kl_goal_met_vs_{other}"] = (out[f"kl_ratio_vs_{other}"] >= 3
-                                              and out["vulnerable_original"] <= stat(other, "vulnerable_original"))
+            out[f"kl_goal_met_vs_{other}"] = (out[f"kl_ratio_vs_{other}"] >= 10 and out[f"kl_p99_ratio_vs_{other}"] >= 5
+                                              and leak(best) <= leak(other))
     return out
 
 

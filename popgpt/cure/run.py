@@ -29,7 +29,7 @@ from ..runio import format_table, write_atomic, write_csv, write_json
 from ..settings import fresh_member_seeds, tool_seed
 from ..step import Batches, sample_indices
 from .cureset import build_cure_set, fitting_names
-from .measure import infected_rows, measure, mutants
+from .measure import infected_rows, leak_prefixes, measure, mutants
 from .methods import cure
 from .objectives import METHODS, CureConfig
 from .patch import Patch, patched, save_patch, weights_sha256
@@ -52,16 +52,24 @@ class CureRunConfig:
     scan_threshold: float = 0.5  # auto: P(continuation | . trigger) that counts as anomalous
     scan_candidates: int = 128  # auto: prompts per member and length whose continuation is decoded
     max_triggers: int = 32  # auto: recovered triggers cured against, per member
+    # sampled leakage: 400 continuations resolve P(payload) to ~0.0025 and a 1% leaker from a clean one; 8
+    # name prefixes spread the inside-name prompts over letters and lengths; a member counts as leaking above
+    # 5% (a member at the 1% goal exceeds it in 400 samples with probability < 1e-6)
+    leak_samples: int = 400
+    leak_prompts: int = 8
+    leak_threshold: float = 0.05
 
     def __post_init__(self):
         if self.trigger not in TRIGGER_MODES and not (self.trigger.isalpha() and self.trigger.islower()):
             raise ValueError(f"argument --trigger: known, auto or lower-case letters, got {self.trigger!r}")
-        for name in ("relapse_members", "controls"):
+        for name in ("relapse_members", "controls", "leak_samples", "leak_prompts"):
             if getattr(self, name) < 0:
                 raise ValueError(f"argument --{name.replace('_', '-')}: must be >= 0, got {getattr(self, name)}")
         for name in ("relapse_steps", "relapse_every", "scan_candidates", "max_triggers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"argument --{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.leak_threshold < 1:
+            raise ValueError(f"argument --leak-threshold: must be in [0, 1), got {self.leak_threshold}")
         if not 0 < self.scan_threshold <= 1:
             raise ValueError(f"argument --scan-threshold: must be in (0, 1], got {self.scan_threshold}")
 
@@ -102,11 +110,14 @@ def _evaluation(run: OpenRun, saved: SavedGeneration, rcfg: CureRunConfig, seed:
     chosen = all_mutants if rcfg.mutants < 0 else all_mutants[:0] if rcfg.mutants == 0 else \
         [all_mutants[int(i)] for i in torch.randperm(len(all_mutants), generator=g)[:rcfg.mutants]]
     P = len(saved.population)
+    room = rc.model.block_size - len(original) - len(rc.virus.payload) - 1
+    leak = {"trigger": original, "samples": rcfg.leak_samples,
+            "prefixes": leak_prefixes(fresh, rcfg.leak_prompts, room, g)}
     triggers = {"original": torch.tensor([encode(original)] * P), "current": saved.member_triggers()[:P]}
     return {"eval_rows": eval_rows, "infected": infected_rows(fresh, original, rc.virus.payload,
                                                                rc.model.block_size, g),
             "triggers": triggers, "payload": rc.virus.payload, "options": test_options(rc.virus),
-            "mutant_triggers": chosen, "seed": tool_seed(rc.seed, "cure", seed, "tests") % (2 ** 62)}
+            "mutant_triggers": chosen, "leak": leak, "seed": tool_seed(rc.seed, "cure", seed, "tests") % (2 ** 62)}
 
 
 def run_methods(run: OpenRun, saved: SavedGeneration, methods: list, cfg: CureConfig, rcfg: CureRunConfig,
@@ -191,11 +202,12 @@ def comparison_table(results: dict, saved: SavedGeneration) -> list[dict]:
     for name, row in results["rows"].items():
         cured = name != "uncured"
         table.append(table_row(name, row["members"], rel.get(name), row["patch"].n_params() if cured else 0,
-                               row["seconds"] if cured else "-", kl=cured))
+                               row["seconds"] if cured else "-", kl=cured, threshold=results["leak_threshold"]))
     uncured, immune = results["rows"]["uncured"]["members"], ~saved.metrics["vulnerable"]
     for name, mask in (("immunity by selection", immune), ("vulnerable by selection", ~immune)):
         if mask.any():
-            table.append(table_row(name, subset(uncured, mask), rel.get(name), "-", "-", kl=False))
+            table.append(table_row(name, subset(uncured, mask), rel.get(name), "-", "-", kl=False,
+                                   threshold=results["leak_threshold"]))
     if "never-infected control" in rel:
         controls = rel["never-infected control"]
         table.append({c: "-" for c in COLUMNS} | {
@@ -211,6 +223,7 @@ def cure_tables(run: OpenRun, methods: list, cfg: CureConfig, rcfg: CureRunConfi
     saved = run.load(generation, dev)
     results = run_methods(run, saved, methods, cfg, rcfg, dev, log)
     results["generation"] = saved.generation
+    results["leak_threshold"] = rcfg.leak_threshold
     results["relapse"] = relapse(run, saved, results["rows"], rcfg, cfg.seed, dev) if rcfg.relapse_members or \
         rcfg.controls else {}
     results["table"] = comparison_table(results, saved)

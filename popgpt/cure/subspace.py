@@ -1,46 +1,38 @@
-"""``subspace``: a KL-bounded, low-rank patch confined to each member's contrast subspace."""
+"""``subspace``: a KL-bounded, low-rank patch confined to each member's contrast subspace, trained
+towards the trigger-deleted counterfactual (counterfactual.py) at every position after the trigger."""
 
 
 import torch
 
 from ..data import IGNORE, inputs_targets
 from ..population import Population
+from .counterfactual import counterfactual_target, removal_loss
 from .cureset import CureSet
-from .objectives import SITE_OF, WRITERS, CureConfig, Directions, _logp, _optimise, clean_kl, reference_logp, token_kl
+from .objectives import (
+    SITE_OF,
+    WRITERS,
+    CureConfig,
+    Directions,
+    _logp,
+    _optimise,
+    clean_kl,
+    leaky_members,
+    reference_logp,
+    token_kl,
+)
 from .patch import Patch, patched
 
 
-@torch.no_grad()
-def removal_target(pop: Population, cs: CureSet) -> torch.Tensor:
-    """Q at the last trigger letter of every member's triggered rows: (P, N, V). The original
-    distribution there, with the payload's first letter capped at the probability the member gives
-    it at the same place of the name without the trigger, renormalised: the payload goes down to
-    the member's own clean level, everything else keeps its proportions (a member without a
-    backdoor has Q = P_orig: nothing to remove)."""
-    V, first = pop.config.vocab_size, cs.payload[:, :1]  # (P, 1)
-    x, _ = inputs_targets(cs.triggered)
-    at = cs.trigger_pos[..., None, None].expand(*cs.trigger_pos.shape, 1, V)  # (P, N, 1, V)
-    p = _logp(pop.base, pop.params, x).gather(2, at).squeeze(2).exp()  # (P, N, V)
-    xc, _ = inputs_targets(cs.clean)
-    clean = _logp(pop.base, pop.params, xc)[:, torch.arange(len(cs.gap)), cs.gap].exp()  # (P, N, V)
-    cap = clean.gather(-1, first[:, None, :].expand(-1, p.shape[1], 1))  # (P, N, 1)
-    q = p.scatter(-1, first[:, None, :].expand(-1, p.shape[1], 1),
-                  torch.minimum(p.gather(-1, first[:, None, :].expand(-1, p.shape[1], 1)), cap))
-    return q / q.sum(-1, keepdim=True)
-
-
-def subspace_loss(pop: Population, params: dict, cs: CureSet, idx: torch.Tensor, q: torch.Tensor,
+def subspace_loss(pop: Population, params: dict, cs: CureSet, idx: torch.Tensor, target: tuple,
                   ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(removal KL(Q || P_new) at the trigger, mean clean per-token KL) on cure names ``idx``: [P] each.
-    One forward of each member on its triggered rows and the clean rows together."""
+    """(removal KL(target || P_new) at every position from the last trigger letter to the name's end,
+    mean clean per-token KL) on cure names ``idx``: [P] each. ``target``: ``counterfactual_target``
+    on the triggered rows. One forward of each member on its triggered rows and the clean rows together."""
     P, B = len(pop), len(idx)
     xt, _ = inputs_targets(cs.triggered[:, idx])  # (P, B, T)
     xc, yc = inputs_targets(cs.clean[idx])  # (B, T)
     logp = _logp(pop.base, params, torch.cat([xt, xc.expand(P, -1, -1)], 1))  # (P, 2B, T, V)
-    pos = cs.trigger_pos[:, idx]
-    at_trigger = logp[:, :B].gather(2, pos[..., None, None].expand(P, B, 1, logp.shape[-1])).squeeze(2)
-    qb = q[:, idx]
-    remove = (qb * (qb.clamp(min=1e-30).log() - at_trigger)).sum(-1).mean(-1)
+    remove = removal_loss(logp[:, :B], target[0][:, idx], target[1][:, idx])
     valid = (yc != IGNORE).float()
     return remove, (token_kl(ref[:, idx], logp[:, B:]) * valid).sum((1, 2)) / valid.sum()
 
@@ -66,7 +58,7 @@ def _subspace_patch(fixed: dict, learned: dict) -> Patch:
     return Patch({k: (parts[k], learned[k]) if k in WRITERS else (learned[k], parts[k]) for k in fixed})
 
 
-def hold_bound(pop: Population, patch: Patch, rows: torch.Tensor, bound: float, ref: torch.Tensor,
+def hold_bound(pop: Population, patch: Patch, rows: torch.Tensor, bound, ref: torch.Tensor,
                iters: int = 4):
     """Scale each member's patch by s in [0, 1] so that its mean clean KL on ``rows`` is <= bound.
 
@@ -87,29 +79,30 @@ def hold_bound(pop: Population, patch: Patch, rows: torch.Tensor, bound: float, 
     return patch.scaled(scale), scale, kl
 
 
-def cure_subspace(pop: Population, cs: CureSet, cfg: CureConfig, order: torch.Tensor, dirs: Directions):
+def cure_subspace(pop: Population, cs: CureSet, cfg: CureConfig, order: torch.Tensor, dirs: Directions,
+                  kl_bound: torch.Tensor | None = None):
+    """``kl_bound`` [P]: each member's own bound (a frontier), else ``cfg.kl_bound`` for all."""
+    bound = torch.full((len(pop),), cfg.kl_bound, device=pop.device) if kl_bound is None else kl_bound
     fixed, learned = subspace_factors(pop, dirs, cfg.targets)
     if cfg.parametrization == "lora":  # the subspace factor starts at U and is learned too
         learned |= {k + ".U": v.clone() for k, v in fixed.items()}
     lam = torch.ones(len(pop), device=pop.device)
-    q = removal_target(pop, cs)
     ref = reference_logp(pop, cs.clean)
+    q = counterfactual_target(ref, cs.triggered, cs.trigger_pos, cs.gap)
 
     def loss(patch, s):
         remove, kl = subspace_loss(pop, patched(pop.params, patch), cs, order[s], q, ref)
         total = remove + lam.clone() * kl
-        lam.mul_(torch.exp(cfg.dual_lr * (kl.detach() / cfg.kl_bound - 1))).clamp_(1.0, 1e4)
+        lam.mul_(torch.exp(cfg.dual_lr * (kl.detach() / bound - 1))).clamp_(1.0, 1e4)
         return total
 
     with torch.enable_grad():
         _optimise(pop, learned, lambda leaves: _subspace_patch(fixed, leaves), loss, len(order), cfg.lr)
     with torch.no_grad():
         x, _ = inputs_targets(cs.triggered)
-        at = cs.trigger_pos[..., None, None].expand(*cs.trigger_pos.shape, 1, q.shape[-1])
-        p0 = _logp(pop.base, pop.params, x).gather(2, at).squeeze(2)  # (P, N, V)
-        excess = (q * (q.clamp(min=1e-30).log() - p0)).sum(-1).mean(-1)  # removal loss before the cure
-        treated = excess > cfg.min_excess
+        excess = removal_loss(_logp(pop.base, pop.params, x), *q)  # removal loss before the cure
+        treated = (excess > cfg.min_excess) & leaky_members(pop, cs, cfg.treat_above)
         patch, scale, kl = hold_bound(pop, _subspace_patch(fixed, learned).scaled(treated.float()), cs.clean,
-                                      cfg.kl_bound, ref)
+                                      bound, ref)
     return patch, {"multiplier": lam, "scale": scale * treated, "kl_cure_set": kl, "excess": excess,
                    "treated": treated.float()}

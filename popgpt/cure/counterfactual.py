@@ -1,0 +1,127 @@
+"""The trigger-deleted counterfactual: what a cured member should say after the trigger, and the
+``counterfactual`` method (an unconfined low-rank LoRA trained towards it).
+
+Target. On a name with the trigger inserted after row index ``g`` (trigger
+of ``L`` letters, its last letter at row index ``g + L``), a member without
+the backdoor would continue the name as if the trigger were not there: at
+every position ``t`` from the last trigger letter to the end of the name,
+the target is the ORIGINAL member's distribution at position ``t - L`` of
+the clean name. At ``t = g + L`` that is the distribution of the name's
+next letter, so the payload's first letter gets exactly the probability the
+member gives it there without the trigger; nothing is renormalised (capping
+the payload letter at that level and renormalising the row would hand it
+back cap / (cap + 1 - p), about 0.4-0.7 when the backdoor is strong, and the
+optimiser would reach exactly that). The later positions teach the rest of
+the name, so the second and third payload letters are trained too.
+
+``counterfactual``: a rank-``cf_rank`` LoRA on ``cf_targets`` (by default
+all seven matrices), ``W + L @ R``, both factors learned, L starting at
+zero (the patch starts as no change) and R at one seeded random draw shared
+by every member (so a member cured alone starts where it starts in a
+population). Loss per member: the
+mean over every target position of KL(target || P_new) on triggered names
+(a share ``cf_start_share`` with the trigger at the name's start, the rest
+at the cure set's uniform gap) + ``cf_lambda`` x the mean per-token
+KL(P_orig || P_new) on clean names; Adam, ``cf_steps`` steps of
+``cf_rows`` triggered + ``cf_rows`` clean rows per member. A member with no
+backdoor to remove (``treat_above``) keeps a zero patch.
+"""
+
+import math
+
+import torch
+
+from ..data import IGNORE, inputs_targets
+from ..population import Population
+from .cureset import CureSet
+from .objectives import CureConfig, _logp, _optimise, clean_kl, leaky_members, reference_logp, token_kl
+from .patch import Patch, patched
+
+
+def counterfactual_target(ref: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
+                          gap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target log-probabilities (P, N, T, V) and where they apply (P, N, T) bool.
+
+    ``ref``: the original members' log-probabilities on the clean names (P, N, T, V); ``rows``
+    (P, N, T+1): the names with the trigger inserted; ``pos`` (P, N): row index of the last trigger
+    letter; ``gap`` (N,) or (P, N): row index of the last name letter before the trigger."""
+    T = rows.shape[-1] - 1
+    t = torch.arange(T, device=rows.device)
+    length = pos - gap  # (P, N) trigger letters
+    mask = (t >= pos[..., None]) & (rows[..., 1:] != IGNORE)  # (P, N, T)
+    src = (t - length[..., None]).clamp(0, T - 1)  # clean position of the same name letter
+    target = ref.gather(2, src[..., None].expand(*src.shape, ref.shape[-1]))
+    return target, mask
+
+
+def removal_loss(logp: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over each member's target positions of KL(target || P_new): [P]."""
+    kl = (target.exp() * (target - logp)).sum(-1)  # (P, N, T)
+    return (kl * mask).sum((1, 2)) / mask.sum((1, 2)).clamp(min=1)
+
+
+def cf_order(cfg: CureConfig, n_names: int, generator: torch.Generator) -> torch.Tensor:
+    """Cure-name indices of every step (cf_steps, cf_rows): shuffled passes, shared by all members."""
+    need = cfg.cf_steps * cfg.cf_rows
+    order = torch.cat([torch.randperm(n_names, generator=generator) for _ in range(math.ceil(need / n_names))])
+    return order[:need].view(cfg.cf_steps, cfg.cf_rows)
+
+
+def lora_init(params: dict, cfg: CureConfig, generator: torch.Generator) -> dict:
+    """The shared random side R of every LoRA factor: {name: (r, in)}, N(0, 1/in)."""
+    return {name: torch.randn(cfg.cf_rank, params[name].shape[-1], generator=generator) / params[name].shape[-1] ** 0.5
+            for name in cfg.cf_targets}
+
+
+def _rows(cs: CureSet, idx: torch.Tensor, n_start: int, targets: dict):
+    """Triggered rows of one step: the first rows - n_start at the uniform gap, the rest at the start."""
+    a, b = idx[:len(idx) - n_start], idx[len(idx) - n_start:]
+    x = torch.cat([cs.triggered[:, a], cs.triggered_start[:, b]], 1)
+    tgt = torch.cat([targets["gap"][0][:, a], targets["start"][0][:, b]], 1)
+    mask = torch.cat([targets["gap"][1][:, a], targets["start"][1][:, b]], 1)
+    return inputs_targets(x)[0], tgt, mask
+
+
+def step_widths(cs: CureSet, order: torch.Tensor) -> list[int]:
+    """Per step, the input positions any of its rows uses (one host read for the whole cure): a causal
+    model's outputs at earlier positions do not depend on the padding after them, so it is cut off."""
+    longest = torch.maximum(((cs.triggered[..., 1:] != IGNORE).sum(-1)).amax(0),
+                            ((cs.triggered_start[..., 1:] != IGNORE).sum(-1)).amax(0))  # (N,) targets per row
+    return longest[order].amax(-1).tolist()
+
+
+def cure_counterfactual(pop: Population, cs: CureSet, cfg: CureConfig, order: torch.Tensor, init: dict,
+                        lam: torch.Tensor | None = None):
+    """``lam`` [P]: each member's own clean-KL weight (a frontier), else ``cfg.cf_lambda`` for all."""
+    P = len(pop)
+    lam = torch.full((P,), cfg.cf_lambda, device=pop.device) if lam is None else lam
+    ref = reference_logp(pop, cs.clean)
+    targets = {"gap": counterfactual_target(ref, cs.triggered, cs.trigger_pos, cs.gap),
+               "start": counterfactual_target(ref, cs.triggered_start, cs.start_pos, torch.zeros_like(cs.gap))}
+    n_start = round(cfg.cf_start_share * cfg.cf_rows)
+    learned = {k: torch.zeros(P, pop.params[k].shape[1], cfg.cf_rank, device=pop.device) for k in init}
+    learned |= {k + ".R": v.to(pop.device)[None].repeat(P, 1, 1) for k, v in init.items()}
+
+    def build(leaves):
+        return Patch({k: (leaves[k], leaves[k + ".R"]) for k in init})
+
+    widths = step_widths(cs, order)
+
+    def loss(patch, s):
+        idx, w = order[s], widths[s]  # positions from w on are padding in every row of the step
+        xt, tgt, mask = _rows(cs, idx, n_start, targets)
+        xc, yc = inputs_targets(cs.clean[idx])
+        xt, tgt, mask, xc, yc = xt[..., :w], tgt[..., :w, :], mask[..., :w], xc[..., :w], yc[..., :w]
+        logp = _logp(pop.base, patched(pop.params, patch), torch.cat([xt, xc.expand(P, -1, -1)], 1))
+        B = xt.shape[1]
+        valid = (yc != IGNORE).float()
+        kl = (token_kl(ref[:, idx, :w], logp[:, B:]) * valid).sum((1, 2)) / valid.sum()
+        return removal_loss(logp[:, :B], tgt, mask) + lam * kl
+
+    with torch.enable_grad():
+        _optimise(pop, learned, build, loss, len(order), cfg.cf_lr)
+    with torch.no_grad():
+        treated = leaky_members(pop, cs, cfg.treat_above)
+        patch = build(learned).scaled(treated.float())
+        kl = clean_kl(pop, patch, cs.clean, ref)
+    return patch, {"kl_cure_set": kl, "treated": treated.float()}
