@@ -126,6 +126,7 @@ def learned_backdoor():
     return Population.cat([sick, clean])
 
 
+@pytest.mark.slow
 def test_counterfactual_cures_a_learned_backdoor_to_1_percent_under_the_kl_bound(learned_backdoor):
     """Positive control: member 0 leaks zzz in > 95% of sampled continuations after qx at a name's
     start and inside names; the default counterfactual recipe leaves <= 1% at a held-out mean KL
@@ -309,6 +310,7 @@ def test_cure_cli_rejects_bad_flags(tiny_run, capsys, flag, value, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_frontier_sweeps_strengths_as_a_population_axis(learned_backdoor):
     """A tiled member at strength s is the cure at s alone (the frontier's points are real cures),
     and a stronger clean-KL weight leaves a smaller KL."""

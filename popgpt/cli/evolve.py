@@ -90,7 +90,7 @@ SWEEP_EPILOG = """examples:
 """
 
 EPILOG = """examples:
-  popgpt evolve --preset quick                 # 64 members, 10 generations: about a minute on 2 CPU cores
+  popgpt evolve --preset quick                 # 64 members, 10 generations: about 30 s on 2 CPU cores
   popgpt evolve --device cuda                  # the full source experiment (P=200, 20 generations)
   popgpt evolve --pop-size 8 --generations 2 --steps 5 --finetune-steps 5 --out runs/tiny
   popgpt evolve --resume runs/tiny             # continue an interrupted run

@@ -133,6 +133,7 @@ def run_methods(run: OpenRun, saved: SavedGeneration, methods: list, cfg: CureCo
     if scanned:
         ev["triggers"]["recovered"] = [ts[0] if ts else None for ts in scanned["found"].triggers]
     active = scanned["found"].found() if scanned else None
+    log(f"measuring the {len(pop)} uncured members")
     rows = {"uncured": {"members": measure(pop, Patch(), **ev), "seconds": 0.0, "patch": Patch()}}
     base_sha = weights_sha256(pop.params)
     for method in methods:
@@ -141,7 +142,7 @@ def run_methods(run: OpenRun, saved: SavedGeneration, methods: list, cfg: CureCo
             tool_seed(rc.seed, "cure", cfg.seed, "batches")), active)
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         patch.base_sha256 = base_sha
-        log(f"{method}: {len(pop)} members cured in {seconds:.1f} s ({cpu:.1f} s of CPU time)")
+        log(f"{method}: {len(pop)} members cured in {seconds:.1f} s ({cpu:.1f} s of CPU time); measuring")
         rows[method] = {"members": measure(pop, patch, **ev), "seconds": seconds, "cpu_seconds": cpu,
                         "patch": patch, "info": info}
     return {"rows": rows, "scan": scanned, "triggers": triggers, "payloads": payloads, "n_cure_names": len(names)}
@@ -224,8 +225,11 @@ def cure_tables(run: OpenRun, methods: list, cfg: CureConfig, rcfg: CureRunConfi
     results = run_methods(run, saved, methods, cfg, rcfg, dev, log)
     results["generation"] = saved.generation
     results["leak_threshold"] = rcfg.leak_threshold
-    results["relapse"] = relapse(run, saved, results["rows"], rcfg, cfg.seed, dev) if rcfg.relapse_members or \
-        rcfg.controls else {}
+    results["relapse"] = {}
+    if rcfg.relapse_members or rcfg.controls:
+        log(f"relapse: {rcfg.relapse_members} members per method and {rcfg.controls} never-infected controls "
+            f"trained on infected names")
+        results["relapse"] = relapse(run, saved, results["rows"], rcfg, cfg.seed, dev)
     results["table"] = comparison_table(results, saved)
     results["goals"] = goals(results)
     return results
@@ -252,6 +256,19 @@ def _json(results: dict, cfg: CureConfig, rcfg: CureRunConfig) -> dict:
                 "true_trigger_recovered": scan_info["true_trigger_recovered"], "seconds": scan_info["scan_seconds"]}}
 
 
+def _comparison(g: dict) -> str:
+    """The best low-rank method against ablation and fine-tuning, in words."""
+    text = (f"`{g['method']}`: {100 * g['vulnerable_original']:.1f}% of members vulnerable to the original trigger, "
+            f"NLL ratio {g['nll_ratio']:.4f}, KL mean {g['kl_mean']:.3g} (p99 {g['kl_p99']:.3g})")
+    if "leak_mean" in g:
+        text += f", sampled leakage {g['leak_mean']:.3g} on average (worst member {g['leak_worst']:.3g})"
+    for other in ("ablate", "finetune"):
+        if f"kl_ratio_vs_{other}" in g:
+            text += (f"; against `{other}` ({100 * g[f'{other}_vulnerable_original']:.1f}% vulnerable): KL mean "
+                     f"{g[f'kl_ratio_vs_{other}']:.3g}x and p99 {g[f'kl_p99_ratio_vs_{other}']:.3g}x lower")
+    return text + "."
+
+
 def _markdown(results: dict, label: str, plot: str | None) -> str:
     g = results["goals"]
     md = [f"# Cures of generation {results['generation']} ({label})", "",
@@ -265,8 +282,7 @@ def _markdown(results: dict, label: str, plot: str | None) -> str:
         md += [f"Trigger scan: the true trigger (original or current) is among the recovered triggers of "
                f"{sum(rec)} of {len(rec)} members.", ""]
     if g:
-        md += ["Goals (" + g["method"] + "): " + ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}"
-                                                     for k, v in g.items() if k != "method"), ""]
+        md += [_comparison(g), ""]
     if plot:
         md += [f"![pareto]({os.path.basename(plot)})", ""]
     return "\n".join(md)

@@ -145,6 +145,9 @@ def _plots(out: str, results: dict, cfg: InductionConfig) -> list[str]:
     ax.set_ylabel("members")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no member reached the phase\n(no layer >= 1 head above the threshold)",
+                ha="center", va="center", transform=ax.transAxes)
     made.append(_save(fig, out, "phase_histogram.png", plt))
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -154,7 +157,8 @@ def _plots(out: str, results: dict, cfg: InductionConfig) -> list[str]:
             if m["task"] != cfg.tasks[0]:
                 continue
             c = colors.get(d["depth"], "tab:red")
-            kw = {"color": c, "alpha": 0.35, "lw": 0.8, "label": f"{d['depth']} layer(s)" if i == 0 else None}
+            kw = {"color": c, "alpha": 0.6, "lw": 0.9, "ls": "--" if d["depth"] == 1 else "-",
+                  "label": f"{d['depth']} layer(s)" if i == 0 else None}
             a1.plot(d["steps"], d["induction"][:, i].flatten(1).max(1).values if d["depth"] == 1
                     else later(d["induction"][:, i]), **kw)
             a2.plot(d["steps"], d["loss_second"][:, i], **kw)
