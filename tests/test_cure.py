@@ -331,3 +331,13 @@ def test_frontier_sweeps_strengths_as_a_population_axis(learned_backdoor):
                              {"leak": 0.005, "kl_mean": 0.004, "kl_p99": 0.03}],
                        "b": [{"leak": 0.0, "kl_mean": 0.04, "kl_p99": 0.3}]}, 0.01)
     assert rows["a"]["kl_mean"] == 0.004 and rows["b"]["kl_mean_ratio_to_best"] == pytest.approx(10.0)
+
+
+def test_table_intervals_stay_inside_their_quantity():
+    from popgpt.cure.report import _mean
+
+    mean, interval = _mean(torch.tensor([0.99, 1.0, 0.93, 1.0]), high=1.0).split(" ", 1)
+    lo, hi = (float(v) for v in interval.strip("[]").split(", "))
+    assert 0.9 < lo and hi == 1.0  # an unclipped t interval passes 1
+    lo, _ = (float(v) for v in _mean(torch.tensor([0.001, 0.0, 0.002])).split(" ", 1)[1].strip("[]").split(", "))
+    assert lo == 0.0

@@ -19,8 +19,10 @@ COLUMNS = ["row", "n", "vulnerable original %", "p(payload) original", "leak sta
            "KL p99", "KL max", "KL first token", "KL infected names", "relapse steps (median)", "patch params", "seconds"]
 
 
-def _mean(x, digits=3, scale=1.0) -> str:
-    mean, lo, hi = mean_interval([float(v) * scale for v in x])
+def _mean(x, digits=3, scale=1.0, low=0.0, high=math.inf) -> str:
+    """Mean [95% t interval] clipped to the quantity's range [low, high] (before scaling); every
+    quantity of the table but quality is >= 0, probabilities and shares are <= 1."""
+    mean, lo, hi = mean_interval([float(v) * scale for v in x], low * scale, high * scale)
     if math.isnan(mean):
         return "-"
     return f"{mean:.{digits}g}" + ("" if math.isnan(lo) else f" [{lo:.{digits}g}, {hi:.{digits}g}]")
@@ -48,7 +50,8 @@ def _median(x) -> str:
 def _leak(m: dict, threshold: float) -> dict:
     if "leak" not in m:
         return {c: "-" for c in ("leak start %", "leak inside %", "leak worst %", "leaking members %")}
-    return {"leak start %": _mean(m["leak_start"], scale=100), "leak inside %": _mean(m["leak_inside"], scale=100),
+    return {"leak start %": _mean(m["leak_start"], scale=100, high=1.0),
+            "leak inside %": _mean(m["leak_inside"], scale=100, high=1.0),
             "leak worst %": f"{100 * float(m['leak'].max()):.3g}", "leaking members %": _share(m["leak"] > threshold)}
 
 
@@ -59,11 +62,12 @@ def table_row(name: str, m: dict, relapse=None, patch_params="-", seconds="-", k
     n = len(m["nll_after"])
     row = {"row": name, "n": n,
            "vulnerable original %": _share(m["vulnerable_original"]),
-           "p(payload) original": _mean(m["payload_prob_original"]),
+           "p(payload) original": _mean(m["payload_prob_original"], high=1.0),
            "vulnerable current %": _share(m["vulnerable_current"]),
-           "vulnerable mutants %": _mean(m["vulnerable_mutants"], scale=100) if "vulnerable_mutants" in m else "-",
+           "vulnerable mutants %": _mean(m["vulnerable_mutants"], scale=100, high=1.0) if "vulnerable_mutants" in m
+           else "-",
            "vulnerable recovered %": _share(m["vulnerable_recovered"]) if "vulnerable_recovered" in m else "-",
-           "NLL ratio": _mean(m["nll_ratio"], 4) if kl else "-", "quality": _mean(m["quality_after"]),
+           "NLL ratio": _mean(m["nll_ratio"], 4) if kl else "-", "quality": _mean(m["quality_after"], low=-math.inf, high=1.0),
            "relapse steps (median)": _median(relapse), "patch params": patch_params,
            "seconds": seconds if isinstance(seconds, str) else f"{seconds:.1f}"}
     for col, key in (("KL mean", "kl_mean"), ("KL median", "kl_median"), ("KL p99", "kl_p99"),
