@@ -25,6 +25,15 @@ WRITERS = ("blocks.0.attn_out", "blocks.0.mlp_fc2")
 SEARCH_NAMES = 64  # ablate's search scores the clean KL of each choice on the first this many cure names
 
 
+
+def _sites(name: str, targets) -> tuple:
+    """``targets`` as patchable tensor names (a bare block tensor means layer 0's); errors name ``--name``."""
+    bad = [t for t in targets if t not in SITE_OF and "blocks.0." + t not in SITE_OF]
+    if bad or not targets:
+        raise ValueError(f"argument --{name.replace('_', '-')}: {bad[0] if bad else '(empty)'!r} cannot be patched; "
+                         f"choose from {', '.join(SITE_OF)}")
+    return tuple(t if t in SITE_OF else "blocks.0." + t for t in targets)
+
 @dataclass(frozen=True)
 class CureConfig:
     """Settings of a cure (README, "Cures", gives every default's reason)."""
@@ -72,19 +81,11 @@ class CureConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"argument --{name.replace('_', '-')}: must be a finite number > 0, got {value}")
-        unknown = [t for t in self.targets if t not in SITE_OF and "blocks.0." + t not in SITE_OF]
-        if unknown or not self.targets:
-            raise ValueError(f"argument --targets: {unknown[0] if unknown else '(empty)'!r} cannot be patched; "
-                             f"choose from {', '.join(SITE_OF)}")
-        object.__setattr__(self, "targets", tuple(t if t in SITE_OF else "blocks.0." + t for t in self.targets))
+        object.__setattr__(self, "targets", _sites("targets", self.targets))
         for name in ("start_share", "cf_start_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"argument --{name.replace('_', '-')}: must be in [0, 1], got {getattr(self, name)}")
-        bad = [t for t in self.cf_targets if t not in SITE_OF and "blocks.0." + t not in SITE_OF]
-        if bad or not self.cf_targets:
-            raise ValueError(f"argument --cf-targets: {bad[0] if bad else '(empty)'!r} cannot be patched; "
-                             f"choose from {', '.join(SITE_OF)}")
-        object.__setattr__(self, "cf_targets", tuple(t if t in SITE_OF else "blocks.0." + t for t in self.cf_targets))
+        object.__setattr__(self, "cf_targets", _sites("cf_targets", self.cf_targets))
         if self.parametrization not in ("confined", "lora"):
             raise ValueError(f"argument --parametrization: confined or lora, got {self.parametrization!r}")
         if not self.ablate_grid or any(not math.isfinite(a) or a < 0 for a in self.ablate_grid):
