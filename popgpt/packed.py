@@ -92,18 +92,20 @@ def plan_shared(lengths: list[int]) -> Plan:
     return Plan(tuple(rows), tuple(sizes))
 
 
-def arrange(x: torch.Tensor, y: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
+def arrange(x: torch.Tensor, y: torch.Tensor, plan: Plan, *extra: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Every member's rows sorted by needed length and cut per group: inputs and targets
-    (P|1, positions), group after group, row after row."""
+    (P|1, positions), group after group, row after row; each ``extra`` tensor (P, B, T, ...) laid out
+    the same way, (P, positions, ...) (what a loss weighs or compares at each position)."""
     x, y = (x[None], y[None]) if x.dim() == 2 else (x, y)
     order = needed_lengths(y).sort(dim=-1, descending=True, stable=True).indices  # (P, B) longest first
-    xs, ys, start = [], [], 0
+    out, start = [[] for _ in range(2 + len(extra))], 0
     for rows, length in zip(plan.rows, plan.lengths):
         pick = order[:, start:start + rows, None].expand(-1, -1, length)  # (P, rows, length)
-        xs.append(x[..., :length].gather(1, pick).flatten(1))
-        ys.append(y[..., :length].gather(1, pick).flatten(1))
+        for parts, t in zip(out, (x, y, *extra)):
+            idx = pick.reshape(*pick.shape, *([1] * (t.dim() - 3))).expand(*pick.shape, *t.shape[3:])
+            parts.append(t[:, :, :length].gather(1, idx).flatten(1, 2))
         start += rows
-    return torch.cat(xs, 1), torch.cat(ys, 1)
+    return tuple(torch.cat(parts, 1) for parts in out)
 
 
 def positions(plan: Plan, device) -> torch.Tensor:

@@ -10,12 +10,13 @@ from conftest import NAMES
 
 from popgpt import ModelConfig, Population
 from popgpt.cli import main
-from popgpt.cure.counterfactual import counterfactual_target
+from popgpt.cure.counterfactual import counterfactual_target, removal_loss, step_loss, step_plans
 from popgpt.cure.cureset import build_cure_set, fitting_names
 from popgpt.cure.frontier import matched_kl, sweep
 from popgpt.cure.measure import first_token_kl, infected_rows, kl_tokens, leakage, mutants
 from popgpt.cure.methods import cure
-from popgpt.cure.objectives import CureConfig, batch_order, clean_kl, contrast_directions, reference_logp, token_kl
+from popgpt.cure.objectives import (CureConfig, _logp, batch_order, clean_kl, contrast_directions, reference_logp,
+                                   token_kl)
 from popgpt.cure.patch import Patch, apply_, load_patch, patched, remove_, save_patch, weights_sha256
 from popgpt.cure.scan import scan
 from popgpt.cure.subspace import hold_bound
@@ -112,6 +113,35 @@ def test_the_counterfactual_target_gives_the_payload_its_clean_level_without_ren
     torch.testing.assert_close(at.sum(-1), torch.ones(len(n)), rtol=1e-5, atol=1e-5)
     lengths = (cs.clean[:, 1:] != -1).sum(-1) - cs.gap  # positions from the gap to the name's end
     assert mask[0].sum(-1).tolist() == lengths.tolist()  # every position after the trigger, not only the first
+
+
+def test_the_packed_counterfactual_loss_equals_the_padded_one(members):
+    """The counterfactual loss on packed rows (rows cut after their last target, grouped by length) equals
+    the padded computation member by member, for a nonzero patch, at the trigger's gap and at the start."""
+    cs = cure_set(members, n=32)
+    P, g = len(members), torch.Generator().manual_seed(8)
+    patch = Patch({k: (0.3 * torch.randn(P, members.params[k].shape[1], 1, generator=g),
+                       torch.randn(1, members.params[k].shape[2], generator=g).expand(P, -1, -1))
+                   for k in ("wte", "blocks.0.attn_qkv", "blocks.0.mlp_fc2")})
+    ref = reference_logp(members, cs.clean)
+    idx = torch.arange(12)
+    for rows, pos, gap in ((cs.triggered, cs.trigger_pos, cs.gap),
+                           (cs.triggered_start, cs.start_pos, torch.zeros_like(cs.gap))):
+        target, mask = counterfactual_target(ref, rows, pos, gap)
+        xt, (xc, yc) = inputs_targets(rows[:, idx])[0], inputs_targets(cs.clean[idx])
+        valid, lam = (yc != -1).float(), torch.tensor([30.0, 1.0, 0.5])
+        logp = _logp(members.base, patched(members.params, patch), torch.cat([xt, xc.expand(P, -1, -1)], 1))
+        kl = (token_kl(ref[:, idx], logp[:, len(idx):]) * valid).sum((1, 2)) / valid.sum()
+        padded = removal_loss(logp[:, :len(idx)], target[:, idx], mask[:, idx]) + lam * kl
+        weight = torch.cat([mask[:, idx] / mask[:, idx].sum((1, 2), keepdim=True),
+                            lam[:, None, None] * (valid / valid.sum()).expand(P, -1, -1)], 1)
+        x = torch.cat([xt, xc.expand(P, -1, -1)], 1)
+        n_start = len(idx) if rows is cs.triggered_start else 0
+        plan = step_plans(cs, idx[None], n_start)[0]
+        assert plan.positions < x.shape[1] * x.shape[2] * 0.7  # most padding is cut
+        packed = step_loss(members, patch, x, torch.cat([target[:, idx], ref[:, idx]], 1), weight, plan)
+        assert padded.min() > 0.01
+        torch.testing.assert_close(packed, padded, rtol=1e-5, atol=0.0)
 
 
 @pytest.fixture(scope="module")

@@ -32,9 +32,10 @@ import math
 import torch
 
 from ..data import IGNORE, inputs_targets
+from ..packed import Plan, arrange, packed_logits, plan_from_lengths
 from ..population import Population
 from .cureset import CureSet
-from .objectives import CureConfig, _logp, _optimise, clean_kl, leaky_members, reference_logp, token_kl
+from .objectives import CureConfig, _optimise, clean_kl, leaky_members, reference_logp
 from .patch import Patch, patched
 
 
@@ -82,12 +83,30 @@ def _rows(cs: CureSet, idx: torch.Tensor, n_start: int, targets: dict):
     return inputs_targets(x)[0], tgt, mask
 
 
-def step_widths(cs: CureSet, order: torch.Tensor) -> list[int]:
-    """Per step, the input positions any of its rows uses (one host read for the whole cure): a causal
-    model's outputs at earlier positions do not depend on the padding after them, so it is cut off."""
-    longest = torch.maximum(((cs.triggered[..., 1:] != IGNORE).sum(-1)).amax(0),
-                            ((cs.triggered_start[..., 1:] != IGNORE).sum(-1)).amax(0))  # (N,) targets per row
-    return longest[order].amax(-1).tolist()
+def step_plans(cs: CureSet, order: torch.Tensor, n_start: int) -> list[Plan]:
+    """Each step's packed rows (``packed.py``) of its triggered and clean rows: a causal model's output
+    at a position depends on nothing after it, so every row is cut after its last target (its real
+    targets, as rows are left-aligned) and rows of like length are grouped. One host read per step."""
+    def count(rows):
+        return (rows[..., 1:] != IGNORE).sum(-1)
+
+    gap, start, clean = count(cs.triggered), count(cs.triggered_start), count(cs.clean)
+    plans = []
+    for idx in order:
+        a, b = idx[:len(idx) - n_start], idx[len(idx) - n_start:]
+        lengths = torch.cat([gap[:, a], start[:, b], clean[idx].expand(len(gap), -1)], 1)  # (P, 2 rows)
+        plans.append(plan_from_lengths(lengths, width=cs.clean.shape[-1] - 1))
+    return plans
+
+
+def step_loss(pop: Population, patch: Patch, x: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
+              plan: Plan) -> torch.Tensor:
+    """Sum over every row position of ``weight`` x KL(target || P_new), [P], on packed rows: x (P, R, T),
+    target (P, R, T, V) log-probabilities, weight (P, R, T) (0 where nothing is compared)."""
+    need = torch.where(weight > 0, 0, IGNORE)
+    xs, _, ts, ws = arrange(x, need, plan, target, weight)
+    logp = packed_logits(patched(pop.params, patch), pop.config, xs, plan).log_softmax(-1)  # (P, n, V)
+    return (ws * (ts.exp() * (ts - logp)).sum(-1)).sum(1)
 
 
 def cure_counterfactual(pop: Population, cs: CureSet, cfg: CureConfig, order: torch.Tensor, init: dict,
@@ -105,18 +124,18 @@ def cure_counterfactual(pop: Population, cs: CureSet, cfg: CureConfig, order: to
     def build(leaves):
         return Patch({k: (leaves[k], leaves[k + ".R"]) for k in init})
 
-    widths = step_widths(cs, order)
+    plans = step_plans(cs, order, n_start)
 
     def loss(patch, s):
-        idx, w = order[s], widths[s]  # positions from w on are padding in every row of the step
+        idx = order[s]
         xt, tgt, mask = _rows(cs, idx, n_start, targets)
         xc, yc = inputs_targets(cs.clean[idx])
-        xt, tgt, mask, xc, yc = xt[..., :w], tgt[..., :w, :], mask[..., :w], xc[..., :w], yc[..., :w]
-        logp = _logp(pop.base, patched(pop.params, patch), torch.cat([xt, xc.expand(P, -1, -1)], 1))
-        B = xt.shape[1]
         valid = (yc != IGNORE).float()
-        kl = (token_kl(ref[:, idx, :w], logp[:, B:]) * valid).sum((1, 2)) / valid.sum()
-        return removal_loss(logp[:, :B], tgt, mask) + lam * kl
+        # the removal loss (the mean over each member's target positions) + lam x the mean clean KL
+        weight = torch.cat([mask / mask.sum((1, 2), keepdim=True).clamp(min=1),
+                            lam[:, None, None] * (valid / valid.sum()).expand(P, -1, -1)], 1)
+        x = torch.cat([xt, xc.expand(P, -1, -1)], 1)
+        return step_loss(pop, patch, x, torch.cat([tgt, ref[:, idx]], 1), weight, plans[s])
 
     with torch.enable_grad():
         _optimise(pop, learned, build, loss, len(order), cfg.cf_lr)
