@@ -7,6 +7,7 @@ import time
 import torch
 
 from popgpt import __version__
+from popgpt.device import retain_freed_memory
 from popgpt.runio import environment as run_environment
 from popgpt.runio import format_table, write_atomic, write_json
 
@@ -20,6 +21,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 
 
 def setup(args) -> torch.device:
+    retain_freed_memory()  # as the popgpt command does (popgpt/device.py)
     if args.threads is not None:
         if args.threads < 1:
             raise SystemExit(f"--threads must be >= 1, got {args.threads}")

@@ -71,8 +71,21 @@ def plan_from_lengths(lengths: torch.Tensor, groups: int = GROUPS, multiple: int
     ranked = lengths.sort(dim=-1, descending=True).values  # (steps*P, B)
     starts = torch.tensor([sum(sizes[:g]) for g in range(len(sizes))], device=lengths.device)
     lead = ranked[:, starts].amax(0).clamp(min=1).tolist()  # the first (longest) row of each group
-    rounded = (-(-t // multiple) * multiple for t in lead)
-    return Plan(tuple(sizes), tuple(min(t, width) if width else t for t in rounded))
+    rounded = [-(-t // multiple) * multiple for t in lead]
+    return _merged(sizes, [min(t, width) if width else t for t in rounded])
+
+
+def _merged(rows: list[int], lengths: list[int]) -> Plan:
+    """The plan with neighbouring groups of one length joined: the same positions in the same order,
+    fewer (larger) attention products."""
+    out_rows, out_lengths = [], []
+    for r, t in zip(rows, lengths):
+        if out_lengths and out_lengths[-1] == t:
+            out_rows[-1] += r
+        else:
+            out_rows.append(r)
+            out_lengths.append(t)
+    return Plan(tuple(out_rows), tuple(out_lengths))
 
 
 def plan_round(y: torch.Tensor, groups: int = GROUPS, multiple: int = 1) -> Plan:
@@ -82,14 +95,7 @@ def plan_round(y: torch.Tensor, groups: int = GROUPS, multiple: int = 1) -> Plan
 
 def plan_shared(lengths: list[int]) -> Plan:
     """The plan of shared rows already sorted by needed length, longest first: a group per length."""
-    rows, sizes = [], []
-    for n in lengths:
-        if sizes and sizes[-1] == max(n, 1):
-            rows[-1] += 1
-        else:
-            rows.append(1)
-            sizes.append(max(n, 1))
-    return Plan(tuple(rows), tuple(sizes))
+    return _merged([1] * len(lengths), [max(n, 1) for n in lengths])
 
 
 def arrange(x: torch.Tensor, y: torch.Tensor, plan: Plan, *extra: torch.Tensor) -> tuple[torch.Tensor, ...]:

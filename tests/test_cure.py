@@ -15,8 +15,15 @@ from popgpt.cure.cureset import build_cure_set, fitting_names
 from popgpt.cure.frontier import matched_kl, sweep
 from popgpt.cure.measure import first_token_kl, infected_rows, kl_tokens, leakage, mutants
 from popgpt.cure.methods import cure
-from popgpt.cure.objectives import (CureConfig, _logp, batch_order, clean_kl, contrast_directions, reference_logp,
-                                   token_kl)
+from popgpt.cure.objectives import (
+    CureConfig,
+    _logp,
+    batch_order,
+    clean_kl,
+    contrast_directions,
+    reference_logp,
+    token_kl,
+)
 from popgpt.cure.patch import Patch, apply_, load_patch, patched, remove_, save_patch, weights_sha256
 from popgpt.cure.scan import scan
 from popgpt.cure.subspace import hold_bound

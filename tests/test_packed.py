@@ -71,7 +71,13 @@ def test_a_plan_too_short_for_a_row_would_cut_it_so_plans_take_the_longest(rows)
     for size, length in zip(plan.rows, plan.lengths):
         assert int(longest[:, start].max()) <= length  # every row of the group fits
         start += size
-    assert plan_round(y, 4, multiple=4).lengths == tuple(min(21, -(-t // 4) * 4) for t in plan.lengths)
+    def per_row(p):  # each row's length, rows in packed order
+        return [t for r, t in zip(p.rows, p.lengths) for _ in range(r)]
+
+    rounded = plan_round(y, 4, multiple=4)
+    assert per_row(rounded) == [min(21, -(-t // 4) * 4) for t in per_row(plan)]
+    # neighbouring groups of one length are one group (fewer, larger attention products)
+    assert all(a > b for a, b in zip(rounded.lengths, rounded.lengths[1:])) and sum(rounded.rows) == 16
     assert Plan((2, 2), (5, 3)).positions == 16
 
 

@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from ..data import DataError
+from ..device import retain_freed_memory
 from ..evolution import distributed
 from ..runio import RunError
 from . import attribute, cure, evolve, grok, lens, runs
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    retain_freed_memory()
     try:
         return args.func(args)
     except distributed.FromRankZero:

@@ -159,7 +159,9 @@ def cure_prune(pop: Population, cs: CureSet, cfg: CureConfig, order: torch.Tenso
 
 
 def _cure_block(pop: Population, cs: CureSet, cfg: CureConfig, method: str, order: torch.Tensor, init: dict):
-    dirs = contrast_directions(pop, cs, cfg.rank, scores=method == "prune")
+    # the trigger-deleted target and plain fine-tuning need no activation-sourced directions
+    dirs = None if method in ("counterfactual", "finetune") else contrast_directions(pop, cs, cfg.rank,
+                                                                                     scores=method == "prune")
     if method == "counterfactual":
         patch, info = cure_counterfactual(pop, cs, cfg, order, init)
     elif method == "subspace":
@@ -172,7 +174,7 @@ def _cure_block(pop: Population, cs: CureSet, cfg: CureConfig, method: str, orde
         patch, info = cure_prune(pop, cs, cfg, order, dirs)
     else:
         raise ValueError(f"argument --method: unknown method {method!r}; choose from {', '.join(METHODS)}")
-    info = {"direction": dirs.mean["resid_post"], **info}
+    info = info if dirs is None else {"direction": dirs.mean["resid_post"], **info}
     return Patch({k: (L.detach(), R.detach()) for k, (L, R) in patch.factors.items()},
                  {k: v.detach() for k, v in patch.dense.items()}), info
 
