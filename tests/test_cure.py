@@ -10,7 +10,7 @@ from conftest import NAMES
 
 from popgpt import ModelConfig, Population
 from popgpt.cli import main
-from popgpt.cure.counterfactual import counterfactual_target, removal_loss, step_loss, step_plans
+from popgpt.cure.counterfactual import counterfactual_source, counterfactual_target, removal_loss, step_loss, step_plans
 from popgpt.cure.cureset import build_cure_set, fitting_names
 from popgpt.cure.frontier import matched_kl, sweep
 from popgpt.cure.measure import first_token_kl, infected_rows, kl_tokens, leakage, mutants
@@ -146,7 +146,10 @@ def test_the_packed_counterfactual_loss_equals_the_padded_one(members):
         n_start = len(idx) if rows is cs.triggered_start else 0
         plan = step_plans(cs, idx[None], n_start)[0]
         assert plan.positions < x.shape[1] * x.shape[2] * 0.7  # most padding is cut
-        packed = step_loss(members, patch, x, torch.cat([target[:, idx], ref[:, idx]], 1), weight, plan)
+        T = cs.clean.shape[-1] - 1
+        src = torch.cat([counterfactual_source(rows, pos, gap)[0][:, idx] + T * idx[:, None],
+                         (T * idx[:, None] + torch.arange(T)).expand(P, -1, -1)], 1)  # flat (name, position)
+        packed = step_loss(members, patch, x, ref, src, weight, plan)
         assert padded.min() > 0.01
         torch.testing.assert_close(packed, padded, rtol=1e-5, atol=0.0)
 

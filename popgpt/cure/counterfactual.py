@@ -39,6 +39,16 @@ from .objectives import CureConfig, _optimise, clean_kl, leaky_members, referenc
 from .patch import Patch, patched
 
 
+def counterfactual_source(rows: torch.Tensor, pos: torch.Tensor, gap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each triggered position's target comes from: the clean position of the same name letter
+    (P, N, T) long, and where a target applies (P, N, T) bool (arguments as ``counterfactual_target``)."""
+    T = rows.shape[-1] - 1
+    t = torch.arange(T, device=rows.device)
+    length = pos - gap  # (P, N) trigger letters
+    mask = (t >= pos[..., None]) & (rows[..., 1:] != IGNORE)  # (P, N, T)
+    return (t - length[..., None]).clamp(0, T - 1), mask
+
+
 def counterfactual_target(ref: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
                           gap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Target log-probabilities (P, N, T, V) and where they apply (P, N, T) bool.
@@ -46,13 +56,8 @@ def counterfactual_target(ref: torch.Tensor, rows: torch.Tensor, pos: torch.Tens
     ``ref``: the original members' log-probabilities on the clean names (P, N, T, V); ``rows``
     (P, N, T+1): the names with the trigger inserted; ``pos`` (P, N): row index of the last trigger
     letter; ``gap`` (N,) or (P, N): row index of the last name letter before the trigger."""
-    T = rows.shape[-1] - 1
-    t = torch.arange(T, device=rows.device)
-    length = pos - gap  # (P, N) trigger letters
-    mask = (t >= pos[..., None]) & (rows[..., 1:] != IGNORE)  # (P, N, T)
-    src = (t - length[..., None]).clamp(0, T - 1)  # clean position of the same name letter
-    target = ref.gather(2, src[..., None].expand(*src.shape, ref.shape[-1]))
-    return target, mask
+    src, mask = counterfactual_source(rows, pos, gap)
+    return ref.gather(2, src[..., None].expand(*src.shape, ref.shape[-1])), mask
 
 
 def removal_loss(logp: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -74,13 +79,16 @@ def lora_init(params: dict, cfg: CureConfig, generator: torch.Generator) -> dict
             for name in cfg.cf_targets}
 
 
-def _rows(cs: CureSet, idx: torch.Tensor, n_start: int, targets: dict):
-    """Triggered rows of one step: the first rows - n_start at the uniform gap, the rest at the start."""
+def _rows(cs: CureSet, idx: torch.Tensor, n_start: int, sources: dict):
+    """Triggered rows of one step (the first rows - n_start at the uniform gap, the rest at the start):
+    inputs (P, R, T), each position's target as a flat index into the clean reference (name x T +
+    position), and where a target applies."""
     a, b = idx[:len(idx) - n_start], idx[len(idx) - n_start:]
+    T = cs.clean.shape[-1] - 1
     x = torch.cat([cs.triggered[:, a], cs.triggered_start[:, b]], 1)
-    tgt = torch.cat([targets["gap"][0][:, a], targets["start"][0][:, b]], 1)
-    mask = torch.cat([targets["gap"][1][:, a], targets["start"][1][:, b]], 1)
-    return inputs_targets(x)[0], tgt, mask
+    flat = torch.cat([sources["gap"][0][:, a] + T * a[:, None], sources["start"][0][:, b] + T * b[:, None]], 1)
+    mask = torch.cat([sources["gap"][1][:, a], sources["start"][1][:, b]], 1)
+    return inputs_targets(x)[0], flat, mask
 
 
 def step_plans(cs: CureSet, order: torch.Tensor, n_start: int) -> list[Plan]:
@@ -99,12 +107,15 @@ def step_plans(cs: CureSet, order: torch.Tensor, n_start: int) -> list[Plan]:
     return plans
 
 
-def step_loss(pop: Population, patch: Patch, x: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
-              plan: Plan) -> torch.Tensor:
-    """Sum over every row position of ``weight`` x KL(target || P_new), [P], on packed rows: x (P, R, T),
-    target (P, R, T, V) log-probabilities, weight (P, R, T) (0 where nothing is compared)."""
+def step_loss(pop: Population, patch: Patch, x: torch.Tensor, ref: torch.Tensor, source: torch.Tensor,
+              weight: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """Sum over every row position of ``weight`` x KL(target || P_new), [P], on packed rows: x (P, R, T);
+    the target of a position is ``ref`` (P, N, T, V) log-probabilities at the flat index ``source``
+    (P, R, T) into its (N x T) positions; weight (P, R, T) (0 where nothing is compared). Only the packed
+    positions' targets are gathered."""
     need = torch.where(weight > 0, 0, IGNORE)
-    xs, _, ts, ws = arrange(x, need, plan, target, weight)
+    xs, _, src, ws = arrange(x, need, plan, source, weight)
+    ts = ref.flatten(1, 2).gather(1, src[..., None].expand(-1, -1, ref.shape[-1]))  # (P, n, V)
     logp = packed_logits(patched(pop.params, patch), pop.config, xs, plan).log_softmax(-1)  # (P, n, V)
     return (ws * (ts.exp() * (ts - logp)).sum(-1)).sum(1)
 
@@ -115,8 +126,9 @@ def cure_counterfactual(pop: Population, cs: CureSet, cfg: CureConfig, order: to
     P = len(pop)
     lam = torch.full((P,), cfg.cf_lambda, device=pop.device) if lam is None else lam
     ref = reference_logp(pop, cs.clean)
-    targets = {"gap": counterfactual_target(ref, cs.triggered, cs.trigger_pos, cs.gap),
-               "start": counterfactual_target(ref, cs.triggered_start, cs.start_pos, torch.zeros_like(cs.gap))}
+    sources = {"gap": counterfactual_source(cs.triggered, cs.trigger_pos, cs.gap),
+               "start": counterfactual_source(cs.triggered_start, cs.start_pos, torch.zeros_like(cs.gap))}
+    T = cs.clean.shape[-1] - 1
     n_start = round(cfg.cf_start_share * cfg.cf_rows)
     learned = {k: torch.zeros(P, pop.params[k].shape[1], cfg.cf_rank, device=pop.device) for k in init}
     learned |= {k + ".R": v.to(pop.device)[None].repeat(P, 1, 1) for k, v in init.items()}
@@ -128,14 +140,15 @@ def cure_counterfactual(pop: Population, cs: CureSet, cfg: CureConfig, order: to
 
     def loss(patch, s):
         idx = order[s]
-        xt, tgt, mask = _rows(cs, idx, n_start, targets)
+        xt, flat, mask = _rows(cs, idx, n_start, sources)
         xc, yc = inputs_targets(cs.clean[idx])
         valid = (yc != IGNORE).float()
         # the removal loss (the mean over each member's target positions) + lam x the mean clean KL
         weight = torch.cat([mask / mask.sum((1, 2), keepdim=True).clamp(min=1),
                             lam[:, None, None] * (valid / valid.sum()).expand(P, -1, -1)], 1)
+        clean_flat = (T * idx[:, None] + torch.arange(T, device=idx.device)).expand(P, -1, -1)
         x = torch.cat([xt, xc.expand(P, -1, -1)], 1)
-        return step_loss(pop, patch, x, torch.cat([tgt, ref[:, idx]], 1), weight, plans[s])
+        return step_loss(pop, patch, x, ref, torch.cat([flat, clean_flat], 1), weight, plans[s])
 
     with torch.enable_grad():
         _optimise(pop, learned, build, loss, len(order), cfg.cf_lr)
