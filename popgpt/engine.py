@@ -22,6 +22,7 @@ kernel launches and host round-trips, which is what ``graph`` removes.
 
 import dataclasses
 import functools
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -51,13 +52,17 @@ class Engine:
     population at once on a GPU; ``None``: always all at once.
     """
 
-    def __init__(self, kind: str = "eager", member_block: int | str | None = "auto", packed: bool = True):
+    def __init__(self, kind: str = "eager", member_block: int | str | None = "auto", packed: bool = True,
+                 workers: int | str = "auto"):
         if kind not in ENGINES:
             raise ValueError(f"unknown engine {kind!r}; choose one of {', '.join(ENGINES)}")
         if not (member_block in ("auto", None) or (isinstance(member_block, int) and member_block >= 1)):
             raise ValueError(f"member_block must be 'auto', None or an int >= 1, got {member_block!r}")
+        if not (workers == "auto" or (isinstance(workers, int) and workers >= 1)):
+            raise ValueError(f"workers must be 'auto' or an int >= 1, got {workers!r}")
         self.kind = kind
         self.member_block = member_block
+        self.workers = workers
         self.packed = packed
         self._graphs: dict = {}
         self._step = train_step
@@ -86,6 +91,56 @@ class Engine:
         if block == "auto":
             block = CPU_MEMBER_BLOCK if pop.device.type == "cpu" else None
         block = block or len(pop)
+        workers = self._workers(pop, block)
+        if workers > 1:
+            self._shared_out(pop, batches, hp, history, loss, block, workers)
+            return history
+        self._blocks(pop, batches, hp, history, loss, block)
+        return history
+
+    def _workers(self, pop: Population, block: int) -> int:
+        """Python threads training member shares side by side: ``auto`` means one per torch thread for the
+        eager engine on a CPU (never more than there are blocks), else 1."""
+        n_blocks = -(-len(pop) // block)
+        if self.workers != "auto":
+            return min(self.workers, n_blocks)
+        if self.kind != "eager" or pop.device.type != "cpu":
+            return 1
+        return min(torch.get_num_threads(), n_blocks)
+
+    def _shared_out(self, pop, batches: Batches, hp: Hyper, history, loss, block: int, workers: int):
+        """The blocks dealt out in contiguous shares, one per worker thread at one torch thread each; each
+        share trains a copy of its members (in-place updates of views of one storage would collide
+        in autograd), copied back after. Every block computes as it would alone: results are those of
+        the one-thread blocked loop."""
+        starts = list(range(0, len(pop), block))
+        per = -(-len(starts) // workers)
+        shares = [(starts[i], starts[i + per] if i + per < len(starts) else len(pop))
+                  for i in range(0, len(starts), per)]
+
+        def train(share):
+            a, b = share
+            part = pop[torch.arange(a, b, device=pop.device)]
+            self._blocks(part, batches.members(a, b), hp.index(slice(a, b)), history[:, a:b], loss, block)
+            return part
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(len(shares)) as pool:
+                parts = list(pool.map(train, shares))
+        finally:
+            torch.set_num_threads(threads)
+        with torch.no_grad():
+            for (a, b), part in zip(shares, parts):
+                for k in pop.params:
+                    pop.params[k][a:b].copy_(part.params[k])
+                    pop.opt.exp_avg[k][a:b].copy_(part.opt.exp_avg[k])
+                    pop.opt.exp_avg_sq[k][a:b].copy_(part.opt.exp_avg_sq[k])
+                pop.opt.step[a:b].copy_(part.opt.step)
+
+    def _blocks(self, pop, batches: Batches, hp: Hyper, history, loss, block: int):
+        """Train ``pop`` block after block; ``history`` (steps, P) receives the losses."""
         for a in range(0, len(pop), block):  # block-major: a block's tensors stay in cache
             b = min(a + block, len(pop))
             whole = (a, b) == (0, len(pop))
@@ -95,7 +150,6 @@ class Engine:
                 x, y = data.at(s)  # (P_block, B, T) each
                 active = None if data.active is None else data.active[s]
                 history[s, a:b] = self._step(part, x, y, part_hp, active, loss=loss, plan=data.plan)
-        return history
 
     def _graph_round(self, pop, batches: Batches, hp: Hyper, history, loss):
         targets = None if batches.targets is None else (tuple(batches.targets.shape), batches.targets.dtype)

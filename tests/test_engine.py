@@ -86,6 +86,26 @@ def test_captured_cuda_graph_matches_eager_on_gpu(rows):
     torch.testing.assert_close(h_eager, h_graph)
 
 
+def test_cpu_worker_threads_give_the_one_thread_blocked_training_bit_for_bit(rows):
+    """Shares of blocks trained side by side in worker threads (one torch thread each) give exactly
+    the parameters, moments, step counts and losses of the blocks trained one after another at one
+    thread; the population's torch thread count is restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone, h_alone = trained("eager", rows, seeds=range(7), engine=Engine("eager", member_block=2, workers=1))
+        shared, h_shared = trained("eager", rows, seeds=range(7), engine=Engine("eager", member_block=2, workers=3))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert_same(alone, shared, exact=True)
+    assert torch.equal(h_alone, h_shared) and bool((h_shared > 0).all())
+    assert Engine("eager", member_block=2, workers=3)._workers(alone, 2) == 3
+    assert Engine("eager", member_block=8, workers=3)._workers(alone, 8) == 1  # one block: no share to deal
+    with pytest.raises(ValueError, match="workers"):
+        Engine("eager", workers=0)
+
+
 def test_member_blocks_give_the_same_training(rows):
     """Training in blocks of members (the CPU default) equals training all at once."""
     whole, h_whole = trained("eager", rows, seeds=range(7), engine=Engine("eager", member_block=None))
