@@ -18,6 +18,7 @@ It also holds the measured sizes that keep a CPU's caches warm, and
 import ctypes
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import torch
@@ -87,3 +88,26 @@ def retain_freed_memory() -> bool:
         return False
     return all(mallopt(param, value) == 1 for param, value in
                ((_M_MMAP_THRESHOLD, 32 * 2 ** 20), (_M_TOP_PAD, 64 * 2 ** 20), (_M_TRIM_THRESHOLD, 2 ** 30)))
+
+
+def cpu_workers(requested, n_items: int, device) -> int:
+    """Worker threads for ``n_items`` independent pieces of CPU work: ``auto`` is one per torch thread on a
+    CPU (1 elsewhere), never more than there are pieces."""
+    if requested != "auto":
+        return max(1, min(int(requested), n_items))
+    return max(1, min(torch.get_num_threads(), n_items)) if torch.device(device).type == "cpu" else 1
+
+
+def in_threads(fn, items: list, workers: int) -> list:
+    """``[fn(item) for item in items]``, spread over ``workers`` threads at one torch thread each (small
+    ops run faster side by side than split across threads; measured in docs/performance.md). The torch
+    thread count is restored after."""
+    if workers <= 1:
+        return [fn(item) for item in items]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(fn, items))
+    finally:
+        torch.set_num_threads(threads)

@@ -22,11 +22,10 @@ kernel launches and host round-trips, which is what ``graph`` removes.
 
 import dataclasses
 import functools
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .device import CPU_MEMBER_BLOCK
+from .device import CPU_MEMBER_BLOCK, cpu_workers, in_threads
 from .loss import losses_of
 from .model import MicroGPT
 from .population import AdamState, Population
@@ -101,36 +100,27 @@ class Engine:
     def _workers(self, pop: Population, block: int) -> int:
         """Python threads training member shares side by side: ``auto`` means one per torch thread for the
         eager engine on a CPU (never more than there are blocks), else 1."""
-        n_blocks = -(-len(pop) // block)
-        if self.workers != "auto":
-            return min(self.workers, n_blocks)
-        if self.kind != "eager" or pop.device.type != "cpu":
+        if self.workers == "auto" and self.kind != "eager":
             return 1
-        return min(torch.get_num_threads(), n_blocks)
+        return cpu_workers(self.workers, -(-len(pop) // block), pop.device)
 
     def _shared_out(self, pop, batches: Batches, hp: Hyper, history, loss, block: int, workers: int):
         """The blocks dealt out in contiguous shares, one per worker thread at one torch thread each; each
-        share trains a copy of its members (in-place updates of views of one storage would collide
-        in autograd), copied back after. Every block computes as it would alone: results are those of
+        share trains a copy of its members over its own base module (in-place updates of views of one
+        storage would collide in autograd; ``functional_call`` swaps a module's tensors), copied back after. Every block computes as it would alone: results are those of
         the one-thread blocked loop."""
         starts = list(range(0, len(pop), block))
         per = -(-len(starts) // workers)
         shares = [(starts[i], starts[i + per] if i + per < len(starts) else len(pop))
                   for i in range(0, len(starts), per)]
 
-        def train(share):
-            a, b = share
-            part = pop[torch.arange(a, b, device=pop.device)]
-            self._blocks(part, batches.members(a, b), hp.index(slice(a, b)), history[:, a:b], loss, block)
-            return part
+        parts = [pop[torch.arange(a, b, device=pop.device)].own_base() for a, b in shares]
 
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            with ThreadPoolExecutor(len(shares)) as pool:
-                parts = list(pool.map(train, shares))
-        finally:
-            torch.set_num_threads(threads)
+        def train(i):
+            a, b = shares[i]
+            self._blocks(parts[i], batches.members(a, b), hp.index(slice(a, b)), history[:, a:b], loss, block)
+
+        in_threads(train, list(range(len(shares))), len(shares))
         with torch.no_grad():
             for (a, b), part in zip(shares, parts):
                 for k in pop.params:

@@ -118,6 +118,11 @@ class Population:
         """Another population of this architecture (the same meta base)."""
         return Population(self.base, params, opt, buffers)
 
+    def own_base(self) -> "Population":
+        """The same members (same tensors) over a copy of the meta base module: ``functional_call``
+        swaps a module's parameters while it runs, so threads working side by side each need their own."""
+        return Population(copy.deepcopy(self.base), self.params, self.opt, self.buffers)
+
     @classmethod
     def from_seeds(cls, config: ModelConfig, seeds=None, *, n: int | None = None,
                    device: str | torch.device = "cpu") -> "Population":

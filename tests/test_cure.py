@@ -202,6 +202,26 @@ def test_member_blocks_do_not_change_the_cure(members):
         torch.testing.assert_close(pa[k], pb[k], rtol=1e-4, atol=1e-6)
 
 
+def test_worker_threads_do_not_change_the_cure(members):
+    """Blocks cured side by side in worker threads (one torch thread each) give exactly the patches of
+    the blocks cured one after another at one thread."""
+    cfg = CureConfig(names=32, batch_size=16, epochs=1, cf_steps=6, cf_rows=16)
+    cs = cure_set(members, n=32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for method in ("counterfactual", "ablate"):
+            a, _ = cure(members, cs, cfg, method, torch.Generator().manual_seed(4), block=1, workers=1)
+            b, _ = cure(members, cs, cfg, method, torch.Generator().manual_seed(4), block=1, workers=3)
+            pa, pb = patched(members.params, a), patched(members.params, b)
+            assert any(not torch.equal(pa[k], members.params[k]) for k in pa), method  # the cure did something
+            for k in pa:
+                assert torch.equal(pa[k], pb[k]), (method, k)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_the_kl_bound_holds_on_the_cure_names(members):
     cs = cure_set(members)
     for bound in (0.002, 0.02):

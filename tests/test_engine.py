@@ -96,10 +96,14 @@ def test_cpu_worker_threads_give_the_one_thread_blocked_training_bit_for_bit(row
         alone, h_alone = trained("eager", rows, seeds=range(7), engine=Engine("eager", member_block=2, workers=1))
         shared, h_shared = trained("eager", rows, seeds=range(7), engine=Engine("eager", member_block=2, workers=3))
         assert torch.get_num_threads() == 1
+        # the padded path runs functional_call on a module: every worker has its own
+        padded = [trained("eager", rows, seeds=range(7), engine=Engine("eager", member_block=2, workers=w,
+                                                                        packed=False)) for w in (1, 3)]
     finally:
         torch.set_num_threads(threads)
     assert_same(alone, shared, exact=True)
     assert torch.equal(h_alone, h_shared) and bool((h_shared > 0).all())
+    assert_same(padded[0][0], padded[1][0], exact=True)
     assert Engine("eager", member_block=2, workers=3)._workers(alone, 2) == 3
     assert Engine("eager", member_block=8, workers=3)._workers(alone, 8) == 1  # one block: no share to deal
     with pytest.raises(ValueError, match="workers"):

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import IGNORE, inputs_targets
-from ..device import CPU_MEMBER_BLOCK
+from ..device import CPU_MEMBER_BLOCK, cpu_workers, in_threads
 from ..population import Population, population_logits
 from .counterfactual import cf_order, cure_counterfactual, lora_init
 from .cureset import CureSet
@@ -180,12 +180,14 @@ def _cure_block(pop: Population, cs: CureSet, cfg: CureConfig, method: str, orde
 
 
 def cure(pop: Population, cs: CureSet, cfg: CureConfig, method: str, generator: torch.Generator,
-         active: torch.Tensor | None = None, block: int | str | None = "auto") -> tuple[Patch, dict]:
+         active: torch.Tensor | None = None, block: int | str | None = "auto",
+         workers: int | str = "auto") -> tuple[Patch, dict]:
     """Cure every member of ``pop`` with ``method``; returns its patch and per-member facts {name: [P]}.
 
     ``active`` [P] bool: members to cure (the others get a zero patch: no trigger was found in them).
     ``block``: members cured together (independent, so any block gives the same result); ``auto``:
-    ``CPU_MEMBER_BLOCK`` on a CPU (activations stay in cache), all at once elsewhere.
+    ``CPU_MEMBER_BLOCK`` on a CPU (activations stay in cache), all at once elsewhere. ``workers``:
+    threads curing blocks side by side at one torch thread each (``auto``: one per torch thread on a CPU).
     """
     if method == "counterfactual":
         order, init = cf_order(cfg, len(cs.clean), generator).to(pop.device), lora_init(pop.params, cfg, generator)
@@ -195,14 +197,19 @@ def cure(pop: Population, cs: CureSet, cfg: CureConfig, method: str, generator: 
     if block == "auto":
         block = CPU_MEMBER_BLOCK if pop.device.type == "cpu" else None
     block = block or len(pop)
-    patches, infos = [], []
-    for a in range(0, len(pop), block):
-        sl = slice(a, min(a + block, len(pop)))
+    starts = list(range(0, len(pop), block))
+    workers = cpu_workers(workers, len(starts), pop.device)
+    # side by side, every block needs its own base module (functional_call swaps a module's tensors)
+    views = [pop.view(a, min(a + block, len(pop))) for a in starts]
+    views = [v.own_base() for v in views] if workers > 1 else views
+
+    def one(i):
+        sl = slice(starts[i], starts[i] + len(views[i]))
         part = CureSet(cs.clean, cs.gap, *(getattr(cs, f)[sl] for f in list(cs.__dataclass_fields__)[2:]))
-        patch, info = _cure_block(pop.view(sl.start, sl.stop), part, cfg, method, order, init)
-        patches.append(patch)
-        infos.append(info)
-    patch = Patch.cat(patches)
+        return _cure_block(views[i], part, cfg, method, order, init)
+
+    patches, infos = zip(*in_threads(one, list(range(len(starts))), workers))
+    patch = Patch.cat(list(patches))
     info = {k: torch.cat([i[k] for i in infos]) for k in infos[0]}
     if active is not None:
         patch = patch.scaled(active.to(pop.device, torch.float32))
