@@ -45,6 +45,10 @@ def default_engine(device: torch.device) -> str:
 class Engine:
     """Runs training rounds; keeps compiled functions and captured graphs between rounds.
 
+    ``workers``: on a CPU the eager engine deals its blocks out to this many
+    threads at one torch thread each (``"auto"``: one per torch thread;
+    small operations run faster side by side than split across threads);
+    the results are those of the one-thread loop, bit for bit.
     ``member_block``: eager and compile engines train the population in
     contiguous blocks of this many members (members are independent, so the
     result is the same); ``"auto"``: ``CPU_MEMBER_BLOCK`` on a CPU, the whole
@@ -107,8 +111,8 @@ class Engine:
     def _shared_out(self, pop, batches: Batches, hp: Hyper, history, loss, block: int, workers: int):
         """The blocks dealt out in contiguous shares, one per worker thread at one torch thread each; each
         share trains a copy of its members over its own base module (in-place updates of views of one
-        storage would collide in autograd; ``functional_call`` swaps a module's tensors), copied back after. Every block computes as it would alone: results are those of
-        the one-thread blocked loop."""
+        storage would collide in autograd; ``functional_call`` swaps a module's tensors), copied back
+        after. Every block computes as it would alone: results are those of the one-thread blocked loop."""
         starts = list(range(0, len(pop), block))
         per = -(-len(starts) // workers)
         shares = [(starts[i], starts[i + per] if i + per < len(starts) else len(pop))

@@ -39,7 +39,8 @@ from .objectives import CureConfig, _optimise, clean_kl, leaky_members, referenc
 from .patch import Patch, patched
 
 
-def counterfactual_source(rows: torch.Tensor, pos: torch.Tensor, gap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def counterfactual_source(rows: torch.Tensor, pos: torch.Tensor,
+                          gap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Where each triggered position's target comes from: the clean position of the same name letter
     (P, N, T) long, and where a target applies (P, N, T) bool (arguments as ``counterfactual_target``)."""
     T = rows.shape[-1] - 1
