@@ -95,11 +95,13 @@ def _rows(cs: CureSet, idx: torch.Tensor, n_start: int, sources: dict):
 def step_plans(cs: CureSet, order: torch.Tensor, n_start: int) -> list[Plan]:
     """Each step's packed rows (``packed.py``) of its triggered and clean rows: a causal model's output
     at a position depends on nothing after it, so every row is cut after its last target (its real
-    targets, as rows are left-aligned) and rows of like length are grouped. One host read per step."""
+    targets, as rows are left-aligned) and rows of like length are grouped. The lengths and the step
+    order are read to the host once for the whole cure; the plans are made there."""
     def count(rows):
         return (rows[..., 1:] != IGNORE).sum(-1)
 
-    gap, start, clean = count(cs.triggered), count(cs.triggered_start), count(cs.clean)
+    gap, start, clean, order = (t.cpu() for t in (count(cs.triggered), count(cs.triggered_start),
+                                                  count(cs.clean), order))
     plans = []
     for idx in order:
         a, b = idx[:len(idx) - n_start], idx[len(idx) - n_start:]
