@@ -25,7 +25,7 @@ import functools
 
 import torch
 
-from .device import CPU_MEMBER_BLOCK, cpu_workers, in_threads
+from .device import CPU_MEMBER_BLOCK, cpu_workers, in_threads, member_blocks
 from .loss import losses_of
 from .model import MicroGPT
 from .population import AdamState, Population
@@ -50,7 +50,8 @@ class Engine:
     small operations run faster side by side than split across threads);
     the results are those of the one-thread loop, bit for bit.
     ``member_block``: eager and compile engines train the population in
-    contiguous blocks of this many members (members are independent, so the
+    contiguous blocks of at most this many members, of near-equal sizes and
+    dealt to the workers in equal shares (members are independent, so the
     result is the same); ``"auto"``: ``CPU_MEMBER_BLOCK`` on a CPU, the whole
     population at once on a GPU; ``None``: always all at once.
     """
@@ -93,50 +94,50 @@ class Engine:
         block = self.member_block
         if block == "auto":
             block = CPU_MEMBER_BLOCK if pop.device.type == "cpu" else None
-        block = block or len(pop)
-        workers = self._workers(pop, block)
+        workers = self._workers(pop)
+        blocks = member_blocks(len(pop), block or len(pop), workers)
         if workers > 1:
-            self._shared_out(pop, batches, hp, history, loss, block, workers)
-            return history
-        self._blocks(pop, batches, hp, history, loss, block)
+            self._shared_out(pop, batches, hp, history, loss, blocks, workers)
+        else:
+            self._blocks(pop, batches, hp, history, loss, blocks)
         return history
 
-    def _workers(self, pop: Population, block: int) -> int:
+    def _workers(self, pop: Population) -> int:
         """Python threads training member shares side by side: ``auto`` means one per torch thread for the
-        eager engine on a CPU (never more than there are blocks), else 1."""
+        eager engine on a CPU (never more than there are members), else 1."""
         if self.workers == "auto" and self.kind != "eager":
             return 1
-        return cpu_workers(self.workers, -(-len(pop) // block), pop.device)
+        return cpu_workers(self.workers, len(pop), pop.device)
 
-    def _shared_out(self, pop, batches: Batches, hp: Hyper, history, loss, block: int, workers: int):
-        """The blocks dealt out in contiguous shares, one per worker thread at one torch thread each; each
-        share trains a copy of its members over its own base module (in-place updates of views of one
-        storage would collide in autograd; ``functional_call`` swaps a module's tensors), copied back
-        after. Every block computes as it would alone: results are those of the one-thread blocked loop."""
-        starts = list(range(0, len(pop), block))
-        per = -(-len(starts) // workers)
-        shares = [(starts[i], starts[i + per] if i + per < len(starts) else len(pop))
-                  for i in range(0, len(starts), per)]
-
-        parts = [pop[torch.arange(a, b, device=pop.device)].own_base() for a, b in shares]
+    def _shared_out(self, pop, batches: Batches, hp: Hyper, history, loss, blocks: list, workers: int):
+        """The blocks dealt out in contiguous shares of near-equal size, one per worker thread at one torch
+        thread each; each share trains a copy of its members over its own base module (in-place updates
+        of views of one storage would collide in autograd; ``functional_call`` swaps a module's tensors),
+        copied back after. Every block computes as it would alone: results are those of the one-thread
+        loop over the same blocks, bit for bit."""
+        cuts = [len(blocks) * i // workers for i in range(workers + 1)]
+        shares = [blocks[i:j] for i, j in zip(cuts[:-1], cuts[1:])]
+        bounds = [(share[0][0], share[-1][1]) for share in shares]
+        parts = [pop[torch.arange(a, b, device=pop.device)].own_base() for a, b in bounds]
 
         def train(i):
-            a, b = shares[i]
-            self._blocks(parts[i], batches.members(a, b), hp.index(slice(a, b)), history[:, a:b], loss, block)
+            (a, b), share = bounds[i], shares[i]
+            self._blocks(parts[i], batches.members(a, b), hp.index(slice(a, b)), history[:, a:b], loss,
+                         [(s - a, e - a) for s, e in share])
 
         in_threads(train, list(range(len(shares))), len(shares))
         with torch.no_grad():
-            for (a, b), part in zip(shares, parts):
+            for (a, b), part in zip(bounds, parts):
                 for k in pop.params:
                     pop.params[k][a:b].copy_(part.params[k])
                     pop.opt.exp_avg[k][a:b].copy_(part.opt.exp_avg[k])
                     pop.opt.exp_avg_sq[k][a:b].copy_(part.opt.exp_avg_sq[k])
                 pop.opt.step[a:b].copy_(part.opt.step)
 
-    def _blocks(self, pop, batches: Batches, hp: Hyper, history, loss, block: int):
-        """Train ``pop`` block after block; ``history`` (steps, P) receives the losses."""
-        for a in range(0, len(pop), block):  # block-major: a block's tensors stay in cache
-            b = min(a + block, len(pop))
+    def _blocks(self, pop, batches: Batches, hp: Hyper, history, loss, blocks: list):
+        """Train ``pop`` block after block (``blocks``: (start, stop) pairs); ``history`` (steps, P)
+        receives the losses."""
+        for a, b in blocks:  # block-major: a block's tensors stay in cache
             whole = (a, b) == (0, len(pop))
             part, data, part_hp = (pop, batches, hp) if whole else (pop.view(a, b), batches.members(a, b),
                                                                      hp.index(slice(a, b)))

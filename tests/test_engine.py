@@ -6,6 +6,7 @@ from conftest import NAMES
 
 from popgpt import ModelConfig, Population, TrainConfig, train
 from popgpt.data import IGNORE, docs_to_tensor, inputs_targets, load_names
+from popgpt.device import member_blocks
 from popgpt.engine import Engine
 from popgpt.evaluate import clean_nll
 from popgpt.loss import member_nll_sum
@@ -104,10 +105,24 @@ def test_cpu_worker_threads_give_the_one_thread_blocked_training_bit_for_bit(row
     assert_same(alone, shared, exact=True)
     assert torch.equal(h_alone, h_shared) and bool((h_shared > 0).all())
     assert_same(padded[0][0], padded[1][0], exact=True)
-    assert Engine("eager", member_block=2, workers=3)._workers(alone, 2) == 3
-    assert Engine("eager", member_block=8, workers=3)._workers(alone, 8) == 1  # one block: no share to deal
+    assert Engine("eager", member_block=2, workers=3)._workers(alone) == 3
+    assert Engine("eager", member_block=8, workers=9)._workers(alone) == 7  # never more than the members
     with pytest.raises(ValueError, match="workers"):
         Engine("eager", workers=0)
+
+
+def test_member_blocks_are_near_equal_and_deal_out_in_equal_shares():
+    assert member_blocks(200, 24) == [(0, 23), (23, 46)] + [(i, i + 22) for i in range(46, 200, 22)]
+    assert member_blocks(160, 24, 2) == [(i, i + 20) for i in range(0, 160, 20)]  # 80 members per worker
+    assert member_blocks(7, 2, 3) == [(0, 2), (2, 3), (3, 4), (4, 5), (5, 6), (6, 7)]
+    assert member_blocks(2, 24, 3) == [(0, 1), (1, 2)]
+    for n, block, parts in [(1, 1, 1), (50, 7, 3), (199, 24, 2), (5, 1, 4)]:
+        blocks = member_blocks(n, block, parts)
+        sizes = [b - a for a, b in blocks]
+        assert blocks[0][0] == 0 and blocks[-1][1] == n and all(x[1] == y[0] for x, y in zip(blocks, blocks[1:]))
+        assert max(sizes) <= block and max(sizes) - min(sizes) <= 1
+    with pytest.raises(ValueError, match="member_blocks"):
+        member_blocks(0, 24)
 
 
 def test_member_blocks_give_the_same_training(rows):

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import IGNORE, inputs_targets
-from ..device import CPU_MEMBER_BLOCK, cpu_workers, in_threads
+from ..device import CPU_MEMBER_BLOCK, cpu_workers, in_threads, member_blocks
 from ..population import Population, population_logits
 from .counterfactual import cf_order, cure_counterfactual, lora_init
 from .cureset import CureSet
@@ -196,19 +196,18 @@ def cure(pop: Population, cs: CureSet, cfg: CureConfig, method: str, generator: 
     cs = cs.to(pop.device)
     if block == "auto":
         block = CPU_MEMBER_BLOCK if pop.device.type == "cpu" else None
-    block = block or len(pop)
-    starts = list(range(0, len(pop), block))
-    workers = cpu_workers(workers, len(starts), pop.device)
+    workers = cpu_workers(workers, len(pop), pop.device)
+    blocks = member_blocks(len(pop), block or len(pop), workers)  # near-equal: workers finish together
     # side by side, every block needs its own base module (functional_call swaps a module's tensors)
-    views = [pop.view(a, min(a + block, len(pop))) for a in starts]
+    views = [pop.view(a, b) for a, b in blocks]
     views = [v.own_base() for v in views] if workers > 1 else views
 
     def one(i):
-        sl = slice(starts[i], starts[i] + len(views[i]))
+        sl = slice(*blocks[i])
         part = CureSet(cs.clean, cs.gap, *(getattr(cs, f)[sl] for f in list(cs.__dataclass_fields__)[2:]))
         return _cure_block(views[i], part, cfg, method, order, init)
 
-    patches, infos = zip(*in_threads(one, list(range(len(starts))), workers))
+    patches, infos = zip(*in_threads(one, list(range(len(blocks))), workers))
     patch = Patch.cat(list(patches))
     info = {k: torch.cat([i[k] for i in infos]) for k in infos[0]}
     if active is not None:
