@@ -42,7 +42,7 @@ from benchmarks.limits import dense_rate, gemm_rate, step_flops  # noqa: E402
 from popgpt import MicroGPT, ModelConfig, Population, TrainConfig  # noqa: E402
 from popgpt.data import IGNORE, NAMES_FILE, docs_to_tensor, inputs_targets, load_names  # noqa: E402
 from popgpt.device import CPU_MEMBER_BLOCK  # noqa: E402
-from popgpt.engine import ENGINES, PLAN_MULTIPLE, Engine  # noqa: E402
+from popgpt.engine import ENGINES, Engine, plan_multiple  # noqa: E402
 from popgpt.population import default_seeds  # noqa: E402
 from popgpt.step import Batches  # noqa: E402
 
@@ -110,7 +110,7 @@ def bench_size(P, args, engines, rows, device, cfg, tcfg):
     seq_rate = n_seq * args.steps / seq_s
     seq_params = stacked(models, cfg.param_shapes())
 
-    plan = Batches.shared(rows, timed_idx).planned(PLAN_MULTIPLE).plan
+    plan = Batches.shared(rows, timed_idx).planned(plan_multiple("eager")).plan  # eager and graph engines' plan
     flops = step_flops(cfg, inputs_targets(rows[timed_idx])[1], plan)
     block = min(P, CPU_MEMBER_BLOCK) if device.type == "cpu" else P
     gemm = gemm_rate(cfg, plan.positions, block, device)

@@ -32,9 +32,17 @@ from .population import AdamState, Population
 from .step import Batches, Hyper, TrainConfig, adam_step, as_hyper, step, train_step
 
 ENGINES = ("eager", "compile", "graph")
-# Packed row lengths are rounded up to this: compiled and captured steps then see few distinct shapes,
-# and every engine gets the same plan (the same numbers, bit for bit on a CPU)
+# Packed row lengths of the compile engine are rounded up to this: it then sees ~4 distinct shapes in a
+# run (each one a compilation) instead of ~10, and stays under torch.compile's recompile limit. Eager
+# and graph engines keep the exact lengths (1): 10% fewer positions, the same plan for both (the same
+# numbers, bit for bit on a CPU); a CUDA graph is captured per plan, and at most MAX_GRAPHS are kept.
 PLAN_MULTIPLE = 4
+MAX_GRAPHS = 4
+
+
+def plan_multiple(kind: str) -> int:
+    """What an engine rounds its packed row lengths up to."""
+    return PLAN_MULTIPLE if kind == "compile" else 1
 
 
 def default_engine(device: torch.device) -> str:
@@ -68,6 +76,7 @@ class Engine:
         self.member_block = member_block
         self.workers = workers
         self.packed = packed
+        self.plan_multiple = plan_multiple(kind)
         self._graphs: dict = {}
         self._step = train_step
         if kind == "compile":
@@ -87,7 +96,7 @@ class Engine:
         if not self.packed or loss is not None:
             batches = dataclasses.replace(batches, plan=None)
         elif batches.plan is None and batches.targets is None and isinstance(pop.base, MicroGPT):
-            batches = batches.planned(multiple=PLAN_MULTIPLE)  # the same plan whatever the engine
+            batches = batches.planned(multiple=self.plan_multiple)
         if self.kind == "graph":
             self._graph_round(pop, batches, hp, history, loss)
             return history
@@ -150,9 +159,10 @@ class Engine:
         targets = None if batches.targets is None else (tuple(batches.targets.shape), batches.targets.dtype)
         key = (len(pop), tuple(batches.rows.shape[1:]), tuple(batches.bank.shape), batches.bank.dtype, targets,
                batches.active is not None, _architecture(pop), str(pop.device), loss, batches.plan)
-        if key not in self._graphs:
-            self._graphs[key] = _StaticStep(pop, batches, hp, loss)
-        static = self._graphs[key]
+        static = self._graphs.pop(key, None) or _StaticStep(pop, batches, hp, loss)
+        self._graphs[key] = static  # the most recently used last
+        while len(self._graphs) > MAX_GRAPHS:
+            del self._graphs[next(iter(self._graphs))]
         static.load(pop, batches, hp)
         for s in range(batches.steps):
             static.rows.copy_(batches.rows[s])

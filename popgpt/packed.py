@@ -124,23 +124,59 @@ def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.matmul(x, weight.transpose(1, 2))
 
 
+# Below this many positions a row's attention products fall under the size (contraction x rows x cols
+# < 400) at which torch's CPU bmm leaves MKL for a plain loop: (R, 8, 8) @ (R, 8, 6) takes 0.45 us per
+# matrix, (R, 9, 9) @ (R, 9, 6) 0.18 us, (R, 16, 16) @ (R, 16, 6) 0.39 us (2-core AMD EPYC, torch
+# 2.13, one thread). Shorter rows are folded: neighbouring rows attended as one masked line.
+FOLD_BELOW = 9
+
+
+def _fold(length: int) -> int:
+    """Rows of one group attended as one matrix: enough to reach ``FOLD_BELOW`` positions."""
+    return -(-FOLD_BELOW // length) if length < FOLD_BELOW else 1
+
+
+def attention_parts(plan: Plan) -> list[tuple[int, int, int]]:
+    """The plan's groups as attention products ``(lines, line length, row length)``: a group of short
+    rows is folded, ``fold`` neighbouring rows making one line whose mask keeps every row to itself
+    (the same positions in the same memory; the masked keys weigh exactly 0)."""
+    parts = []
+    for rows, length in zip(plan.rows, plan.lengths):
+        fold = min(_fold(length), rows)
+        if rows // fold:
+            parts.append((rows // fold, fold * length, length))
+        if rows % fold:
+            parts.append((rows % fold, length, length))
+    return parts
+
+
+def _key_mask(line: int, length: int, device, dtype) -> torch.Tensor:
+    """(keys, queries) additive mask of a line of rows of ``length``: -inf for a key after its query or
+    in another row."""
+    i = torch.arange(line, device=device)
+    blocked = (i[:, None] > i[None, :]) | (i[:, None] // length != i[None, :] // length)
+    return torch.zeros((line, line), device=device, dtype=dtype).masked_fill_(blocked, float("-inf"))
+
+
 def _attention(qkv: torch.Tensor, plan: Plan, n_head: int, head_mask: torch.Tensor | None) -> torch.Tensor:
     """Causal self-attention within every row of every group: qkv (P, n, 3C) -> z (P, n, C)."""
     P, _, C3 = qkv.shape
     H, D = n_head, C3 // 3 // n_head
+    parts = attention_parts(plan)
     out = []
-    parts = qkv.split([rows * T for rows, T in zip(plan.rows, plan.lengths)], 1)  # one backward op, not 8
-    for (rows, T), part in zip(zip(plan.rows, plan.lengths), parts):
-        part = part.view(P, rows, T, 3, H, D)
-        q, k, v = part.permute(3, 0, 4, 1, 2, 5).reshape(3, P * H * rows, T, D)  # 3 x (P*H*rows, T, D)
-        # scores with keys first (R, T_k, T_q): a softmax over dim 1 runs fast on a CPU at every length,
-        # over the last dim of a short row it does not
-        causal = torch.full((T, T), float("-inf"), device=qkv.device, dtype=qkv.dtype).tril(-1)  # key after query
-        scores = torch.baddbmm(causal.expand(len(q), T, T), k, q.transpose(1, 2), alpha=D ** -0.5)
-        z = torch.bmm(scores.softmax(1).transpose(1, 2), v).view(P, H, rows, T, D)
+    chunks = qkv.split([lines * line for lines, line, _ in parts], 1)  # one backward op, not one per part
+    for (lines, line, length), part in zip(parts, chunks):
+        part = part.view(P, lines, line, 3, H, D)
+        q, k, v = part.permute(3, 0, 4, 1, 2, 5).reshape(3, P * H * lines, line, D)  # 3 x (R, line, D)
+        mask = _key_mask(line, length, qkv.device, qkv.dtype)
+        scores = torch.baddbmm(mask.expand(len(q), line, line), k, q.transpose(1, 2), alpha=D ** -0.5)  # (R, k, q)
+        # keys first: a softmax over dim 1 runs fast on a CPU at every length, over the last dim of a short
+        # row it does not. (Over dim 0 of a keys-outermost copy it runs 4x faster still, but its vector
+        # lanes then cross members, so a member's rounding would depend on the block it is trained in.)
+        z = torch.bmm(scores.softmax(1).transpose(1, 2), v).view(P, H, lines, line, D)
         if head_mask is not None:
             z = z * head_mask.view(1, H, 1, 1, 1)
-        out.append(z.permute(0, 2, 3, 1, 4).reshape(P, rows * T, H * D))
+        out.append(z.permute(0, 2, 3, 1, 4).reshape(P, lines * line, H * D))
     return torch.cat(out, 1)
 
 

@@ -9,7 +9,16 @@ from popgpt.data import IGNORE, docs_to_tensor, inputs_targets, load_names
 from popgpt.engine import Engine
 from popgpt.evolution.virus import Virus
 from popgpt.loss import losses_of, member_nll_sum
-from popgpt.packed import Plan, needed_lengths, packed_losses, packed_nll_sum, plan_round, plan_shared
+from popgpt.packed import (
+    Plan,
+    _attention,
+    attention_parts,
+    needed_lengths,
+    packed_losses,
+    packed_nll_sum,
+    plan_round,
+    plan_shared,
+)
 from popgpt.step import Batches
 
 CONFIGS = [ModelConfig(), ModelConfig(n_layer=2), ModelConfig(n_layer=2, norm=False, mlp=False),
@@ -119,3 +128,28 @@ def test_incremental_decoding_equals_the_full_forward_and_its_samples(config):
         ref[:, :, t] = (probs / race[t - n]).argmax(-1)
     ref = ref[:, :, n:].masked_fill((ref[:, :, n:] == BOUNDARY).cumsum(-1) > 0, BOUNDARY)
     assert torch.equal(got, ref)
+
+
+def test_short_rows_are_folded_into_lines_that_keep_every_row_to_itself():
+    """Rows shorter than FOLD_BELOW are attended as lines of several rows under a block-diagonal causal
+    mask: the result equals plain causal attention row by row, and changing one row changes no other."""
+    plan = Plan((3, 5, 3), (12, 4, 2))
+    assert attention_parts(plan) == [(3, 12, 12), (1, 12, 4), (2, 4, 4), (1, 6, 2)]  # 5 rows of 4: 3 + 2
+    assert attention_parts(Plan((4,), (8,))) == [(2, 16, 8)] and attention_parts(Plan((1,), (3,))) == [(1, 3, 3)]
+    P, H, D = 2, 2, 3
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(P, plan.positions, 3 * H * D, generator=g, dtype=torch.float64)
+    z = _attention(qkv, plan, H, None)
+    start = 0
+    for rows, T in zip(plan.rows, plan.lengths):
+        for _ in range(rows):
+            q, k, v = qkv[:, start:start + T].view(P, T, 3, H, D).permute(2, 0, 3, 1, 4)  # (P, H, T, D)
+            scores = (q @ k.transpose(-1, -2)) * D ** -0.5
+            scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+            want = (scores.softmax(-1) @ v).permute(0, 2, 1, 3).reshape(P, T, H * D)
+            torch.testing.assert_close(z[:, start:start + T], want, rtol=1e-12, atol=1e-12)
+            start += T
+    other = qkv.clone()
+    other[:, 36 + 4:36 + 8] += 5.0  # the second row of 4: in one line with the first and third
+    changed = (_attention(other, plan, H, None) - z).abs().amax((0, 2)) > 0
+    assert changed.nonzero().flatten().tolist() == list(range(40, 44))

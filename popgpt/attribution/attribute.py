@@ -28,7 +28,7 @@ import torch
 
 from ..data import docs_to_tensor, encode
 from ..device import CPU_MEMBER_BLOCK
-from ..engine import PLAN_MULTIPLE, Engine
+from ..engine import Engine
 from ..evolution.config import stream_seed
 from ..evolution.layout import Layout
 from ..evolution.runs import OpenRun, locked_run
@@ -123,12 +123,14 @@ def replay_generation0(run: OpenRun, members: int, checkpoints, device="cpu") ->
     block = CPU_MEMBER_BLOCK if torch.device(cfg.device).type == "cpu" else cfg.n_members
     replayed = min(-(-members // block) * block, layout.pop_size)
     # the run packed its round's rows by a plan of every member's rows: so does the replay
-    plan = Batches(bank, torch.zeros(rows.shape[1], dtype=torch.long, device=device), rows).planned(PLAN_MULTIPLE).plan
+    engine = Engine("eager")
+    plan = Batches(bank, torch.zeros(rows.shape[1], dtype=torch.long, device=device),
+                   rows).planned(engine.plan_multiple).plan
     rows = rows[:, :replayed]
     pop = Population.from_seeds(cfg.model, default_seeds(cfg.n_members, cfg.seed)[:replayed], device=device)
     hyper = layout.hyper(False, device).index(slice(0, replayed))
     table = torch.zeros(replayed, dtype=torch.long, device=device)
-    snapshots, done, engine = {}, 0, Engine("eager")
+    snapshots, done = {}, 0
     for stop in sorted(set(checkpoints) | {steps}):
         engine.run(pop, Batches(bank, table, rows[done:stop], plan=plan), hyper)
         done = stop

@@ -40,7 +40,7 @@ import torch
 from ..data import docs_to_tensor, encode
 from ..device import host_read as permitted_read
 from ..device import tensor, to_device
-from ..engine import PLAN_MULTIPLE, Engine
+from ..engine import Engine
 from ..evaluate import EvalRows, evaluate_members, immunity, test_options
 from ..population import Population, default_seeds
 from ..settings import tool_seed
@@ -213,7 +213,7 @@ def _train(pop: Population, state: EvolutionState, ctx: Context, finetune: bool,
         active = (torch.arange(max(steps), device=device)[:, None] < per(steps)[None, :])[:, rows]
     batches = Batches(state.bank, table, drawn)
     if ctx.engine.packed:  # the plan of every member's rows: a shard packs as the whole population does
-        batches = batches.planned(PLAN_MULTIPLE)
+        batches = batches.planned(ctx.engine.plan_multiple)
     batches = dataclasses.replace(batches.members(rows.start, rows.stop), active=active)
     ctx.engine.run(pop, batches, layout.hyper(finetune, device).index(rows))
 
