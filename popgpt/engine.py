@@ -56,11 +56,11 @@ class Engine:
     ``workers``: on a CPU the eager engine deals its blocks out to this many
     threads at one torch thread each (``"auto"``: one per torch thread;
     small operations run faster side by side than split across threads);
-    the results are those of the one-thread loop, bit for bit.
-    ``member_block``: eager and compile engines train the population in
-    contiguous blocks of at most this many members, of near-equal sizes and
-    dealt to the workers in equal shares (members are independent, so the
-    result is the same); ``"auto"``: ``CPU_MEMBER_BLOCK`` on a CPU, the whole
+    the results are those of the one-thread loop over the same blocks, bit
+    for bit. ``member_block``: eager and compile engines train the
+    population in contiguous blocks of at most this many members, of
+    near-equal sizes and dealt to the workers in equal shares (members are
+    independent, so the result is the same up to float rounding); ``"auto"``: ``CPU_MEMBER_BLOCK`` on a CPU, the whole
     population at once on a GPU; ``None``: always all at once.
     """
 
