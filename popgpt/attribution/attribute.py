@@ -118,8 +118,10 @@ def replay_generation0(run: OpenRun, members: int, checkpoints, device="cpu") ->
     table = layout.per_member(layout.tables(False), "cpu", torch.long)
     rows = draw_rows(torch.full((layout.n_tables,), len(docs)), table, max(layout.steps(False)),
                      cfg.train.batch_size, dev)[:steps].to(device)
-    # The run trained its members in blocks of CPU_MEMBER_BLOCK (on a CPU); a replay in the same blocks
-    # repeats its float rounding, so its end equals the saved generation 0 (training amplifies any change).
+    # The run trained its members in near-equal blocks of at most CPU_MEMBER_BLOCK (on a CPU); at the sizes
+    # of a run a member's float rounding does not depend on its block (blocks of 1-24 give the same bits),
+    # so a replay of whole blocks' worth of members ends where the saved generation 0 does. Training
+    # amplifies any difference: ``replay_diff`` reports it.
     block = CPU_MEMBER_BLOCK if torch.device(cfg.device).type == "cpu" else cfg.n_members
     replayed = min(-(-members // block) * block, layout.pop_size)
     # the run packed its round's rows by a plan of every member's rows: so does the replay
